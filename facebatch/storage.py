@@ -1,0 +1,202 @@
+"""Object storage: local directories and S3 (or any S3-compatible store) behind one small API.
+
+boto3 does listing, fetching and server-side copies: it honours the standard credential chain,
+AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, and retries throttling and 5xx with backoff (we also
+retry at our level, see `fetch_bytes`). pyarrow's filesystem writes Parquet (multipart uploads).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URI: scheme is 's3' or 'file'; for s3, bucket + key prefix; for file, an absolute path."""
+
+    scheme: str
+    bucket: str
+    path: str  # S3 key (no leading slash) or absolute local path
+
+    @property
+    def is_s3(self) -> bool:
+        return self.scheme == "s3"
+
+    def join(self, *parts: str) -> "Location":
+        if self.is_s3:
+            key = "/".join(p.strip("/") for p in (self.path, *parts) if p.strip("/"))
+            return Location("s3", self.bucket, key)
+        return Location("file", "", str(Path(self.path, *parts)))
+
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.path}" if self.is_s3 else self.path
+
+    def fs_path(self) -> str:
+        """The path as pyarrow.fs wants it (bucket/key for S3)."""
+        return f"{self.bucket}/{self.path}".rstrip("/") if self.is_s3 else self.path
+
+
+def parse_location(uri: str) -> Location:
+    parsed = urlparse(uri)
+    if parsed.scheme in ("s3", "s3a"):
+        if not parsed.netloc:
+            raise ValueError(f"{uri!r} has no bucket: write s3://bucket/prefix")
+        return Location("s3", parsed.netloc, parsed.path.lstrip("/"))
+    if parsed.scheme in ("", "file"):
+        return Location("file", "", os.path.abspath(parsed.path if parsed.scheme else uri))
+    raise ValueError(f"unsupported URI scheme {parsed.scheme!r} in {uri!r}: use a local path or s3://")
+
+
+def endpoint_url(explicit: str | None = None) -> str | None:
+    return explicit or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+_clients: dict[tuple, object] = {}
+
+
+def s3_client(endpoint: str | None = None):
+    """A cached boto3 S3 client per (process, endpoint), with adaptive retries for throttling."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = endpoint_url(endpoint)
+    key = (os.getpid(), endpoint)
+    client = _clients.get(key)
+    if client is None:
+        config = Config(
+            retries={"max_attempts": 4, "mode": "adaptive"},
+            max_pool_connections=32,
+            connect_timeout=10,
+            read_timeout=60,
+        )
+        client = boto3.client("s3", endpoint_url=endpoint, config=config)
+        _clients[key] = client
+    return client
+
+
+def arrow_filesystem(location: Location, endpoint: str | None = None) -> pafs.FileSystem:
+    if not location.is_s3:
+        return pafs.LocalFileSystem()
+    endpoint = endpoint_url(endpoint)
+    kwargs: dict = {}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)
+
+
+@dataclass
+class ListedObject:
+    uri: str
+    size: int
+    etag: str
+    mtime: float
+
+
+def list_objects(location: Location, endpoint: str | None = None) -> Iterator[ListedObject]:
+    """Yield every object under the location, in lexicographic URI order, streaming.
+
+    S3 listing is paginated (1,000 keys a page) and never held in memory as a whole.
+    """
+    if location.is_s3:
+        client = s3_client(endpoint)
+        paginator = client.get_paginator("list_objects_v2")
+        prefix = location.path
+        if prefix and not prefix.endswith("/"):
+            # s3://bucket/photos means the folder photos/, not photos-old/.
+            prefix += "/"
+        for page in paginator.paginate(Bucket=location.bucket, Prefix=prefix):
+            for item in page.get("Contents", ()):
+                key = item["Key"]
+                if key.endswith("/"):
+                    continue  # folder placeholder objects
+                yield ListedObject(
+                    uri=f"s3://{location.bucket}/{key}",
+                    size=int(item["Size"]),
+                    etag=item["ETag"].strip('"'),
+                    mtime=item["LastModified"].timestamp(),
+                )
+        return
+    root = Path(location.path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"source directory {root} does not exist")
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        # Hidden folders (.git, .thumbnails) are not part of an archive.
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # vanished between walk and stat
+            yield ListedObject(uri=path, size=st.st_size, etag=local_etag(st), mtime=st.st_mtime)
+
+
+def local_etag(st: os.stat_result) -> str:
+    """A cheap change detector for local files: size and nanosecond mtime (like rsync's quick check)."""
+    return f"{st.st_size:x}-{st.st_mtime_ns:x}"
+
+
+class FetchError(Exception):
+    def __init__(self, message: str, transient: bool):
+        super().__init__(message)
+        self.transient = transient
+
+
+def _fetch_once(uri: str, endpoint: str | None) -> bytes:
+    if uri.startswith(("s3://", "s3a://")):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        loc = parse_location(uri)
+        try:
+            response = s3_client(endpoint).get_object(Bucket=loc.bucket, Key=loc.path)
+            return response["Body"].read()
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            transient = status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout", "InternalError")
+            raise FetchError(f"S3 {code or status}: {exc}", transient) from exc
+        except BotoCoreError as exc:  # connection resets, read timeouts, incomplete reads
+            raise FetchError(f"S3 transport error: {exc}", True) from exc
+    try:
+        with open(uri, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError as exc:
+        raise FetchError(f"file not found: {uri}", False) from exc
+    except IsADirectoryError as exc:
+        raise FetchError(f"is a directory: {uri}", False) from exc
+    except PermissionError as exc:
+        raise FetchError(f"permission denied: {uri}", False) from exc
+    except OSError as exc:
+        raise FetchError(f"read failed: {exc}", True) from exc
+
+
+def fetch_bytes(uri: str, *, retries: int = 5, endpoint: str | None = None, base_delay: float = 0.2) -> bytes:
+    """Read one object, retrying transient failures with jittered exponential backoff."""
+    attempt = 0
+    while True:
+        try:
+            return _fetch_once(uri, endpoint)
+        except FetchError as exc:
+            if not exc.transient or attempt >= retries:
+                if exc.transient:
+                    raise FetchError(f"{exc} (gave up after {attempt + 1} attempts)", True) from exc
+                raise
+            delay = min(10.0, base_delay * (2**attempt)) * (0.5 + random.random())
+            time.sleep(delay)
+            attempt += 1

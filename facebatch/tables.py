@@ -1,0 +1,278 @@
+"""The table contract (Arrow schemas of `images` and `faces`) and the write/publish protocol.
+
+Layout of OUT (a local directory or s3://bucket/prefix):
+
+    OUT/images/<run_id>.parquet      one file per table per run (compaction merges them)
+    OUT/faces/<run_id>.parquet
+    OUT/_runs/<run_id>.json          the run record, written after both tables are published
+    OUT/_staging/<run_id>/...        a run's files while it is writing; never matched by *.parquet globs
+
+A run streams its rows, already sorted by image_id, into staged files; publishing moves each
+staged file to its table folder with one atomic step (a rename locally, a server-side copy on S3,
+whose object appears whole or not at all). `faces` is published before `images`, so an images row
+is visible only once its faces are. A reader that globs OUT/faces/*.parquet therefore never sees a
+partial run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from . import storage
+
+EMBEDDING_DIM = 128
+
+IMAGE_STATUSES = ("ok", "not_image", "unsupported_format", "corrupt", "truncated", "too_large", "fetch_failed", "failed")
+
+IMAGES_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("etag", pa.string()),
+        pa.field("size_bytes", pa.int64()),
+        pa.field("width", pa.int32()),  # after EXIF orientation; null when the image could not be decoded
+        pa.field("height", pa.int32()),
+        pa.field("format", pa.string()),  # detected from content (JPEG, PNG, ...), not from the extension
+        pa.field("status", pa.string(), nullable=False),  # one of IMAGE_STATUSES
+        pa.field("error", pa.string()),  # readable message when status != 'ok'
+        pa.field("num_faces", pa.int32()),  # null when status != 'ok'
+        pa.field("pipeline_version", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("indexed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+FACES_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("face_index", pa.int32(), nullable=False),  # 0 = highest detection score in the image
+        pa.field("box", pa.list_(pa.float32(), 4)),  # x1, y1, x2, y2 in pixels of the oriented original
+        pa.field("score", pa.float32()),
+        pa.field("landmarks", pa.list_(pa.float32(), 10)),  # x,y of left eye, right eye, nose, left/right mouth
+        pa.field("embedding", pa.list_(pa.float32(), EMBEDDING_DIM)),  # L2-normalised; cosine = dot product
+        pa.field("face_size", pa.float32()),  # shorter box side in original pixels
+        pa.field("roll", pa.float32()),  # degrees, eye line vs horizontal
+        pa.field("yaw", pa.float32()),  # -1..1: nose offset from the eyes' midline / half eye distance
+        pa.field("sharpness", pa.float32()),  # variance of the Laplacian of the aligned grey chip
+        pa.field("pipeline_version", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+TABLES = {"images": IMAGES_SCHEMA, "faces": FACES_SCHEMA}
+
+
+def empty_table(name: str) -> pa.Table:
+    return TABLES[name].empty_table()
+
+
+@dataclass
+class StagedTable:
+    name: str
+    fs_path: str
+    writer: pq.ParquetWriter
+    rows: int = 0
+    last_id: str | None = None
+
+
+@dataclass
+class RunWriter:
+    """Streams a run's rows into one staged Parquet file per table, sorted by image_id.
+
+    Rows must arrive in image_id order (the pipeline preserves the plan's order); this is
+    checked, because the row-group statistics that make lookups cheap rely on it.
+    """
+
+    out: storage.Location
+    run_id: str
+    endpoint: str | None = None
+    row_group_size: int = 50_000
+    fs: pafs.FileSystem = field(init=False)
+    staged: dict[str, StagedTable] = field(default_factory=dict)
+    _buffers: dict[str, list[pa.Table]] = field(default_factory=dict)
+    _buffered_rows: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.fs = storage.arrow_filesystem(self.out, self.endpoint)
+        for name, schema in TABLES.items():
+            path = staging_location(self.out, self.run_id, name).fs_path()
+            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            writer = pq.ParquetWriter(
+                path,
+                schema,
+                filesystem=self.fs,
+                compression="zstd",
+                write_statistics=True,
+                # Embeddings are incompressible floats; dictionary pages would only cost time.
+                use_dictionary=["uri", "status", "format", "pipeline_version", "run_id", "error"]
+                if name == "images"
+                else ["pipeline_version", "run_id"],
+            )
+            self.staged[name] = StagedTable(name, path, writer)
+            self._buffers[name] = []
+            self._buffered_rows[name] = 0
+
+    def write(self, name: str, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        table = table.select(TABLES[name].names).cast(TABLES[name])
+        ids = table.column("image_id").to_pylist()
+        staged = self.staged[name]
+        first = ids[0]
+        if staged.last_id is not None and first < staged.last_id:
+            raise RuntimeError(f"{name} rows arrived out of image_id order ({first!r} after {staged.last_id!r})")
+        staged.last_id = ids[-1]
+        self._buffers[name].append(table)
+        self._buffered_rows[name] += table.num_rows
+        if self._buffered_rows[name] >= self.row_group_size:
+            self._flush(name)
+
+    def _flush(self, name: str) -> None:
+        if not self._buffers[name]:
+            return
+        table = pa.concat_tables(self._buffers[name])
+        self.staged[name].writer.write_table(table, row_group_size=self.row_group_size)
+        self.staged[name].rows += table.num_rows
+        self._buffers[name] = []
+        self._buffered_rows[name] = 0
+
+    def close(self) -> dict[str, int]:
+        for name in self.staged:
+            self._flush(name)
+            self.staged[name].writer.close()
+        # The READY marker says both staged files are complete: a crash after this point is
+        # finished by the next run's recovery instead of discarded.
+        ready = staging_location(self.out, self.run_id, "READY").fs_path()
+        with self.fs.open_output_stream(ready) as fh:
+            fh.write(json.dumps({name: s.rows for name, s in self.staged.items()}).encode())
+        return {name: s.rows for name, s in self.staged.items()}
+
+
+def staging_location(out: storage.Location, run_id: str, name: str) -> storage.Location:
+    filename = name if name == "READY" else f"{name}.parquet"
+    return out.join("_staging", run_id, filename)
+
+
+def table_file(out: storage.Location, name: str, run_id: str) -> storage.Location:
+    return out.join(name, f"{run_id}.parquet")
+
+
+def _move(out: storage.Location, src: storage.Location, dst: storage.Location, endpoint: str | None) -> None:
+    """Move one file so that it appears at dst whole or not at all; a missing src means done already."""
+    if out.is_s3:
+        from botocore.exceptions import ClientError
+
+        client = storage.s3_client(endpoint)
+        try:
+            client.head_object(Bucket=src.bucket, Key=src.path)
+        except ClientError:
+            return
+        # Managed copy: multipart for objects over 5 GB; the destination appears on completion.
+        client.copy({"Bucket": src.bucket, "Key": src.path}, dst.bucket, dst.path)
+        client.delete_object(Bucket=src.bucket, Key=src.path)
+        return
+    import os
+
+    if not os.path.exists(src.path):
+        return
+    os.makedirs(os.path.dirname(dst.path), exist_ok=True)
+    os.replace(src.path, dst.path)  # atomic rename within one filesystem
+
+
+def publish_run(out: storage.Location, run_id: str, record: dict[str, Any], endpoint: str | None = None) -> None:
+    """Make a staged run visible (faces, then images), then write its run record. Idempotent."""
+    fs = storage.arrow_filesystem(out, endpoint)
+    for name in ("faces", "images"):
+        _move(out, staging_location(out, run_id, name), table_file(out, name, run_id), endpoint)
+    record = dict(record, state="published", published_at=time.time())
+    write_json(fs, out.join("_runs", f"{run_id}.json"), record)
+    _delete_tree(fs, out.join("_staging", run_id))
+
+
+def write_json(fs: pafs.FileSystem, location: storage.Location, payload: dict[str, Any]) -> None:
+    path = location.fs_path()
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
+    if location.is_s3:
+        with fs.open_output_stream(path) as fh:
+            fh.write(data)
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    import os
+
+    os.replace(tmp, path)
+
+
+def read_json(fs: pafs.FileSystem, location: storage.Location) -> dict[str, Any] | None:
+    try:
+        with fs.open_input_stream(location.fs_path()) as fh:
+            return json.loads(fh.read())
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _delete_tree(fs: pafs.FileSystem, location: storage.Location) -> None:
+    try:
+        fs.delete_dir(location.fs_path())
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def recover_staging(out: storage.Location, endpoint: str | None = None) -> list[dict[str, str]]:
+    """Finish or discard what crashed runs left in OUT/_staging. Idempotent; returns what it did.
+
+    A run whose staged files were complete (READY marker present) is published with the record
+    it staged; anything else is partial and deleted.
+    """
+    fs = storage.arrow_filesystem(out, endpoint)
+    actions: list[dict[str, str]] = []
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(out.join("_staging").fs_path(), allow_not_found=True))
+    except (FileNotFoundError, OSError):
+        return actions
+    for entry in entries:
+        if entry.type != pafs.FileType.Directory:
+            continue
+        run_id = entry.base_name
+        ready = read_json(fs, staging_location(out, run_id, "READY"))
+        staged_record = read_json(fs, out.join("_staging", run_id, "record.json"))
+        if ready is not None and staged_record is not None:
+            staged_record["recovered"] = True
+            publish_run(out, run_id, staged_record, endpoint)
+            actions.append({"run_id": run_id, "action": "published"})
+        else:
+            _delete_tree(fs, out.join("_staging", run_id))
+            actions.append({"run_id": run_id, "action": "discarded"})
+    return actions
+
+
+def table_glob(out: storage.Location, name: str) -> str:
+    return out.join(name).uri().rstrip("/") + "/*.parquet"
+
+
+def list_table_files(out: storage.Location, name: str, endpoint: str | None = None) -> list[str]:
+    """fs paths of the published Parquet files of one table."""
+    fs = storage.arrow_filesystem(out, endpoint)
+    infos = fs.get_file_info(pafs.FileSelector(out.join(name).fs_path(), allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
+def read_existing_images(out: storage.Location, columns: list[str], endpoint: str | None = None) -> pa.Table:
+    """The published images rows (selected columns) across all runs; empty when OUT is new."""
+    files = list_table_files(out, "images", endpoint)
+    if not files:
+        return IMAGES_SCHEMA.empty_table().select(columns)
+    fs = storage.arrow_filesystem(out, endpoint)
+    import pyarrow.dataset as ds
+
+    dataset = ds.dataset(files, schema=IMAGES_SCHEMA, filesystem=fs, format="parquet")
+    return dataset.to_table(columns=columns)

@@ -1,0 +1,212 @@
+"""Planning, the table writer and the publish protocol, on local disk and on a real S3 server (no Ray, no models)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from facebatch import storage, tables
+from facebatch.config import ConfigError, IndexConfig
+from facebatch.plan import build_plan
+
+
+def _images_rows(ids, etags, statuses, version="v1-test", run_id="r1"):
+    n = len(ids)
+    now = datetime.now(timezone.utc)
+    return pa.table(
+        {
+            "image_id": ids,
+            "uri": ids,
+            "etag": etags,
+            "size_bytes": [10] * n,
+            "width": [100] * n,
+            "height": [80] * n,
+            "format": ["JPEG"] * n,
+            "status": statuses,
+            "error": [None if s == "ok" else "bad" for s in statuses],
+            "num_faces": [1 if s == "ok" else None for s in statuses],
+            "pipeline_version": [version] * n,
+            "run_id": [run_id] * n,
+            "indexed_at": [now] * n,
+        }
+    )
+
+
+def _faces_rows(ids, version="v1-test", run_id="r1"):
+    n = len(ids)
+    return pa.table(
+        {
+            "image_id": ids,
+            "face_index": [0] * n,
+            "box": [[1.0, 2.0, 30.0, 40.0]] * n,
+            "score": [0.99] * n,
+            "landmarks": [[float(i) for i in range(10)]] * n,
+            "embedding": [[1.0] + [0.0] * 127] * n,
+            "face_size": [28.0] * n,
+            "roll": [0.0] * n,
+            "yaw": [0.0] * n,
+            "sharpness": [10.0] * n,
+            "pipeline_version": [version] * n,
+            "run_id": [run_id] * n,
+        }
+    )
+
+
+def _publish(out: str, run_id: str, ids, etags, statuses, version="v1-test", endpoint=None):
+    location = storage.parse_location(out)
+    writer = tables.RunWriter(location, run_id, endpoint)
+    writer.write("faces", _faces_rows([i for i, s in zip(ids, statuses) if s == "ok"], version, run_id))
+    writer.write("images", _images_rows(ids, etags, statuses, version, run_id))
+    writer.close()
+    tables.publish_run(location, run_id, {"run_id": run_id}, endpoint)
+
+
+def test_local_listing_is_sorted_and_skips_hidden(tmp_path):
+    for rel in ["b/z.jpg", "b.jpg", "a/c/d.jpg", "a/e.jpg", ".hidden/x.jpg", "a/.DS_Store"]:
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 3)
+    config = IndexConfig(source=str(tmp_path), out=str(tmp_path / "out")).validate()
+    plan = build_plan(config, "v1-test")
+    ids = [r["image_id"] for b in plan.batches() for r in b.to_pylist()]
+    expected = sorted(str(tmp_path / rel) for rel in ["b/z.jpg", "b.jpg", "a/c/d.jpg", "a/e.jpg"])
+    assert ids == expected  # byte order of full paths: what keeps output files sorted
+    assert plan.counts == {"new": 4, "changed": 0, "retry": 0, "unchanged": 0, "listed": 4, "deleted": 0}
+    plan.cleanup()
+
+
+def test_manifest_with_ids_and_bad_manifests_fail_fast(tmp_path):
+    (tmp_path / "img.jpg").write_bytes(b"x")
+    good = tmp_path / "good.csv"
+    good.write_text("uri,image_id\nimg.jpg,photo-2\n/abs/other.jpg,photo-1\n")
+    plan = build_plan(IndexConfig(source=str(good), out=str(tmp_path / "out")).validate(), "v")
+    rows = [r for b in plan.batches() for r in b.to_pylist()]
+    assert [(r["image_id"], r["uri"]) for r in rows] == [("photo-1", "/abs/other.jpg"), ("photo-2", str(tmp_path / "img.jpg"))]
+
+    dup = tmp_path / "dup.csv"
+    dup.write_text("uri,image_id\na.jpg,x\nb.jpg,x\n")
+    with pytest.raises(ConfigError, match="image_id 'x' 2 times"):
+        build_plan(IndexConfig(source=str(dup), out=str(tmp_path / "out")).validate(), "v")
+    no_uri = tmp_path / "nouri.csv"
+    no_uri.write_text("path\na.jpg\n")
+    with pytest.raises(ConfigError, match="no 'uri' column"):
+        build_plan(IndexConfig(source=str(no_uri), out=str(tmp_path / "out")).validate(), "v")
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_plan(IndexConfig(source=str(tmp_path / "missing.parquet"), out=str(tmp_path / "out")).validate(), "v")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_side": 10}, "max_side"),
+        ({"device": "tpu"}, "device must be one of"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"full": True, "reprocess_errors": True}, "--full already reprocesses"),
+        ({"max_pixels": 10}, "max_pixels"),
+    ],
+)
+def test_bad_config_fails_fast_with_a_message(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        IndexConfig(source="s3://b/p", out="/tmp/x", **kwargs).validate()
+
+
+def test_incremental_classification(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]:
+        (src / name).write_bytes(b"data")
+    out = str(tmp_path / "out")
+    config = IndexConfig(source=str(src), out=out).validate()
+    listed = {r["image_id"]: r["etag"] for b in build_plan(config, "v1-test").batches() for r in b.to_pylist()}
+    ids = sorted(listed)
+    # Earlier run: a ok (same etag), b ok (old etag), c failed, gone.jpg ok (deleted since); d never seen.
+    gone = str(src / "gone.jpg")
+    prev_ids = sorted([ids[0], ids[1], ids[2], gone])
+    etags = {ids[0]: listed[ids[0]], ids[1]: "old-etag", ids[2]: listed[ids[2]], gone: "e"}
+    statuses = {ids[0]: "ok", ids[1]: "ok", ids[2]: "corrupt", gone: "ok"}
+    _publish(out, "r1", prev_ids, [etags[i] for i in prev_ids], [statuses[i] for i in prev_ids])
+
+    plan = build_plan(config, "v1-test")
+    todo = {r["image_id"]: r["change"] for b in plan.batches() for r in b.to_pylist()}
+    assert todo == {ids[1]: "changed", ids[3]: "new"}
+    assert plan.counts == {"new": 1, "changed": 1, "retry": 1, "unchanged": 1, "listed": 4, "deleted": 1}
+
+    retry = build_plan(IndexConfig(source=str(src), out=out, reprocess_errors=True).validate(), "v1-test")
+    assert {r["image_id"] for b in retry.batches() for r in b.to_pylist()} == {ids[1], ids[2], ids[3]}
+    full = build_plan(IndexConfig(source=str(src), out=out, full=True).validate(), "v1-test")
+    assert full.num_todo == 4
+    other_version = build_plan(config, "v1-other")
+    assert other_version.counts["new"] == 4 and other_version.num_todo == 4
+    limited = build_plan(IndexConfig(source=str(src), out=out, full=True, limit=3).validate(), "v1-test")
+    assert limited.num_todo == 3
+
+
+def test_writer_publishes_sorted_files_with_statistics(tmp_path):
+    out = str(tmp_path / "out")
+    location = storage.parse_location(out)
+    writer = tables.RunWriter(location, "run-a", row_group_size=1000)
+    ids = [f"img-{i:05d}" for i in range(2500)]
+    for start in range(0, 2500, 700):
+        chunk = ids[start : start + 700]
+        writer.write("faces", _faces_rows(chunk, run_id="run-a"))
+        writer.write("images", _images_rows(chunk, ["e"] * len(chunk), ["ok"] * len(chunk), run_id="run-a"))
+    with pytest.raises(RuntimeError, match="out of image_id order"):
+        writer.write("images", _images_rows(["img-00001"], ["e"], ["ok"], run_id="run-a"))
+    assert writer.close() == {"images": 2500, "faces": 2500}
+    # Staged files are invisible to *.parquet globs until published.
+    assert tables.list_table_files(location, "faces") == []
+    tables.publish_run(location, "run-a", {"run_id": "run-a"})
+    files = tables.list_table_files(location, "faces")
+    assert [f.rsplit("/", 1)[1] for f in files] == ["run-a.parquet"]
+    meta = pq.ParquetFile(files[0]).metadata
+    assert meta.num_row_groups >= 2
+    bounds = [(meta.row_group(i).column(0).statistics.min, meta.row_group(i).column(0).statistics.max) for i in range(meta.num_row_groups)]
+    assert bounds == sorted(bounds) and all(lo <= hi for lo, hi in bounds)
+    assert pq.read_schema(files[0]).field("embedding").type == pa.list_(pa.float32(), 128)
+    count = duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/images/*.parquet')").fetchone()[0]
+    assert count == 2500
+    assert (tmp_path / "out" / "_runs" / "run-a.json").is_file()
+    assert not (tmp_path / "out" / "_staging" / "run-a").exists()
+
+
+def test_recovery_publishes_complete_runs_and_discards_partial_ones(tmp_path):
+    location = storage.parse_location(str(tmp_path / "out"))
+    # Run 1 staged completely (READY + record) but died before publishing.
+    w = tables.RunWriter(location, "run-1")
+    w.write("faces", _faces_rows(["a"], run_id="run-1"))
+    w.write("images", _images_rows(["a"], ["e"], ["ok"], run_id="run-1"))
+    w.close()
+    fs = storage.arrow_filesystem(location)
+    tables.write_json(fs, location.join("_staging", "run-1", "record.json"), {"run_id": "run-1"})
+    # Run 2 died while writing (no READY marker).
+    w2 = tables.RunWriter(location, "run-2")
+    w2.write("images", _images_rows(["b"], ["e"], ["ok"], run_id="run-2"))
+    actions = tables.recover_staging(location)
+    assert sorted((a["run_id"], a["action"]) for a in actions) == [("run-1", "published"), ("run-2", "discarded")]
+    assert [f.rsplit("/", 1)[1] for f in tables.list_table_files(location, "images")] == ["run-1.parquet"]
+    assert tables.recover_staging(location) == []  # idempotent
+
+
+def test_s3_listing_pagination_and_publish(s3_server):
+    client = s3_server.client()
+    client.create_bucket(Bucket="listing")
+    keys = [f"photos/{i % 7}/img-{i:04d}.jpg" for i in range(1105)]  # more than one 1,000-key page
+    for key in keys:
+        client.put_object(Bucket="listing", Key=key, Body=b"x")
+    client.put_object(Bucket="listing", Key="photos-old/not-this.jpg", Body=b"x")
+    listed = list(storage.list_objects(storage.parse_location("s3://listing/photos")))
+    assert [o.uri for o in listed] == sorted(f"s3://listing/{k}" for k in keys)
+    assert all(o.size == 1 and o.etag for o in listed)
+
+    _publish("s3://listing/index", "run-s3", ["s3://listing/photos/0/img-0000.jpg"], ["e"], ["ok"])
+    location = storage.parse_location("s3://listing/index")
+    assert [f.rsplit("/", 1)[1] for f in tables.list_table_files(location, "images")] == ["run-s3.parquet"]
+    from facebatch.query import connect
+
+    con = connect("s3://listing/index")
+    assert con.sql("SELECT image_id, status FROM images").fetchall() == [("s3://listing/photos/0/img-0000.jpg", "ok")]
+    assert con.sql("SELECT count(*) FROM faces").fetchone()[0] == 1

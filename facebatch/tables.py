@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -186,14 +187,85 @@ def _move(out: storage.Location, src: storage.Location, dst: storage.Location, e
     os.replace(src.path, dst.path)  # atomic rename within one filesystem
 
 
+def _superseded_mask(table: pa.Table, replaced: pa.Table, pruned: pa.Array | None) -> pa.Array:
+    """Rows of an older file that a run replaces (same image_id and pipeline version) or prunes."""
+    key = pc.binary_join_element_wise(table["image_id"], table["pipeline_version"], "\x1f")
+    replaced_key = pc.binary_join_element_wise(replaced["image_id"], replaced["pipeline_version"], "\x1f")
+    mask = pc.is_in(key, value_set=replaced_key)
+    if pruned is not None and len(pruned):
+        mask = pc.or_(mask, pc.is_in(table["image_id"], value_set=pruned))
+    return mask
+
+
+def remove_superseded(out: storage.Location, run_id: str, endpoint: str | None = None) -> int:
+    """Rewrite older published files without the rows this staged run replaces or prunes.
+
+    Runs before the run's own files are published, so a reader never sees two versions of an
+    image for one pipeline version (for a moment it may see neither). Each rewrite replaces one
+    file in one atomic step, and the whole step is idempotent, so a crash here is finished by
+    the next run's recovery. Returns the number of rows removed.
+    """
+    fs = storage.arrow_filesystem(out, endpoint)
+    staged_images = staging_location(out, run_id, "images").fs_path()
+    try:
+        replaced = pq.read_table(staged_images, columns=["image_id", "pipeline_version", "status"], filesystem=fs)
+    except (FileNotFoundError, OSError):
+        return 0  # already published: its supersede step ran before
+    pruned = None
+    try:
+        pruned = pq.read_table(out.join("_staging", run_id, "prune.parquet").fs_path(), filesystem=fs)["image_id"].combine_chunks()
+    except (FileNotFoundError, OSError):
+        pass
+    if replaced.num_rows == 0 and (pruned is None or len(pruned) == 0):
+        return 0
+    lo = min(x for x in [pc.min(replaced["image_id"]).as_py(), pc.min(pruned).as_py() if pruned is not None and len(pruned) else None] if x is not None)
+    hi = max(x for x in [pc.max(replaced["image_id"]).as_py(), pc.max(pruned).as_py() if pruned is not None and len(pruned) else None] if x is not None)
+    removed = 0
+    for name in ("images", "faces"):
+        for path in list_table_files(out, name, endpoint):
+            if path.rsplit("/", 1)[1] == f"{run_id}.parquet":
+                continue
+            meta = pq.ParquetFile(path, filesystem=fs).metadata
+            stats = [meta.row_group(i).column(0).statistics for i in range(meta.num_row_groups)]
+            # Sorted files: skip those whose image_id range misses the run's range entirely.
+            if stats and all(st is not None and st.has_min_max and (st.max < lo or st.min > hi) for st in stats):
+                continue
+            table = pq.read_table(path, filesystem=fs)
+            mask = _superseded_mask(table, replaced, pruned)
+            n = pc.sum(mask).as_py() or 0
+            if not n:
+                continue
+            kept = table.filter(pc.invert(mask))
+            removed += n
+            if kept.num_rows == 0:
+                fs.delete_file(path)
+                continue
+            tmp = out.join("_staging", run_id, f"rewrite-{name}-{path.rsplit('/', 1)[1]}")
+            pq.write_table(kept, tmp.fs_path(), filesystem=fs, compression="zstd", row_group_size=meta.row_group(0).num_rows if meta.num_row_groups else None)
+            dst = storage.Location(out.scheme, out.bucket, path.split("/", 1)[1] if out.is_s3 else path)
+            _move(out, tmp, dst, endpoint)
+    return removed
+
+
 def publish_run(out: storage.Location, run_id: str, record: dict[str, Any], endpoint: str | None = None) -> None:
     """Make a staged run visible (faces, then images), then write its run record. Idempotent."""
     fs = storage.arrow_filesystem(out, endpoint)
+    record = dict(record, superseded_rows_removed=remove_superseded(out, run_id, endpoint))
     for name in ("faces", "images"):
-        _move(out, staging_location(out, run_id, name), table_file(out, name, run_id), endpoint)
+        staged = staging_location(out, run_id, name)
+        if _num_rows(fs, staged) == 0:
+            continue  # nothing new (a quiet night): no empty files in the table folders
+        _move(out, staged, table_file(out, name, run_id), endpoint)
     record = dict(record, state="published", published_at=time.time())
     write_json(fs, out.join("_runs", f"{run_id}.json"), record)
     _delete_tree(fs, out.join("_staging", run_id))
+
+
+def _num_rows(fs: pafs.FileSystem, location: storage.Location) -> int | None:
+    try:
+        return pq.ParquetFile(location.fs_path(), filesystem=fs).metadata.num_rows
+    except (FileNotFoundError, OSError):
+        return None
 
 
 def write_json(fs: pafs.FileSystem, location: storage.Location, payload: dict[str, Any]) -> None:

@@ -210,3 +210,26 @@ def test_s3_listing_pagination_and_publish(s3_server):
     con = connect("s3://listing/index")
     assert con.sql("SELECT image_id, status FROM images").fetchall() == [("s3://listing/photos/0/img-0000.jpg", "ok")]
     assert con.sql("SELECT count(*) FROM faces").fetchone()[0] == 1
+
+
+def test_changed_objects_replace_their_rows_and_prune_removes_deleted(tmp_path):
+    out = str(tmp_path / "out")
+    location = storage.parse_location(out)
+    _publish(out, "run-1", ["a", "b", "c"], ["e1", "e1", "e1"], ["ok", "ok", "corrupt"])
+    _publish(out, "run-0", ["x"], ["e1"], ["ok"], version="v0-older")
+    # run-2 reprocesses b (changed) and c (retried); the older rows of b and c must disappear.
+    _publish(out, "run-2", ["b", "c"], ["e2", "e1"], ["ok", "ok"])
+    con = duckdb.connect()
+    rows = con.sql(f"SELECT image_id, etag, run_id FROM read_parquet('{out}/images/*.parquet') ORDER BY image_id").fetchall()
+    assert rows == [("a", "e1", "run-1"), ("b", "e2", "run-2"), ("c", "e1", "run-2"), ("x", "e1", "run-0")]
+    faces = con.sql(f"SELECT image_id, run_id FROM read_parquet('{out}/faces/*.parquet') ORDER BY image_id").fetchall()
+    assert faces == [("a", "run-1"), ("b", "run-2"), ("c", "run-2"), ("x", "run-0")]
+
+    # A run with --prune: 'a' was deleted from the source.
+    writer = tables.RunWriter(location, "run-3")
+    writer.close()
+    pq.write_table(pa.table({"image_id": ["a"]}), str(tmp_path / "out" / "_staging" / "run-3" / "prune.parquet"))
+    tables.publish_run(location, "run-3", {"run_id": "run-3"})
+    ids = [r[0] for r in con.sql(f"SELECT image_id FROM read_parquet('{out}/images/*.parquet') ORDER BY 1").fetchall()]
+    assert ids == ["b", "c", "x"]
+    assert [r[0] for r in con.sql(f"SELECT image_id FROM read_parquet('{out}/faces/*.parquet') ORDER BY 1").fetchall()] == ["b", "c", "x"]

@@ -1,0 +1,454 @@
+"""The indexing run on Ray Data: plan -> fetch+decode (tasks) -> detect+align+embed (actor pool) -> write.
+
+This is the only module that imports `ray.data`. Everything it calls (storage, decode, inference,
+tables) is plain Python tested without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import __version__, models, storage, tables
+from .config import IndexConfig, pipeline_version
+
+log = logging.getLogger("facebatch")
+
+# Objects larger than this are not fetched at all (a 1 GiB "photo" is not one we can decode anyway).
+MAX_OBJECT_BYTES = 1 << 30
+
+DECODED_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("etag", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("format", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("scale", pa.float32()),
+        ("pix_h", pa.int32()),
+        ("pix_w", pa.int32()),
+        ("pixels", pa.large_binary()),  # RGB uint8, pix_h x pix_w x 3, row-major
+        ("fetch_s", pa.float32()),
+        ("decode_s", pa.float32()),
+    ]
+)
+
+FACE_STRUCT = pa.struct(
+    [
+        ("face_index", pa.int32()),
+        ("box", pa.list_(pa.float32(), 4)),
+        ("score", pa.float32()),
+        ("landmarks", pa.list_(pa.float32(), 10)),
+        ("embedding", pa.list_(pa.float32(), tables.EMBEDDING_DIM)),
+        ("face_size", pa.float32()),
+        ("roll", pa.float32()),
+        ("yaw", pa.float32()),
+        ("sharpness", pa.float32()),
+    ]
+)
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+# --------------------------------------------------------------------------- read + decode (Ray tasks)
+
+
+def _decode_one(row: dict, data: bytes | None, fetch_error: str | None, max_pixels: int, max_side: int) -> dict:
+    from .decode import DecodeError, decode_image
+
+    out = {k: row.get(k) for k in ("image_id", "uri", "etag")}
+    out.update(size_bytes=row.get("size"), width=None, height=None, format=None, error=None, scale=None,
+               pix_h=None, pix_w=None, pixels=None, decode_s=0.0)
+    if fetch_error is not None:
+        out.update(status="fetch_failed", error=fetch_error)
+        return out
+    out["size_bytes"] = len(data)
+    t0 = time.perf_counter()
+    try:
+        img = decode_image(data, max_pixels=max_pixels, max_side=max_side)
+    except DecodeError as exc:
+        out.update(status=exc.status, error=str(exc.message if hasattr(exc, "message") else exc))
+    except Exception as exc:  # a decoder bug must cost one row, never the run
+        out.update(status="corrupt", error=f"decoder failed: {type(exc).__name__}: {exc}")
+    else:
+        rgb = np.ascontiguousarray(img.rgb)
+        out.update(status="ok", width=img.width, height=img.height, format=img.format, scale=float(img.scale),
+                   pix_h=rgb.shape[0], pix_w=rgb.shape[1], pixels=rgb.tobytes())
+    out["decode_s"] = time.perf_counter() - t0
+    return out
+
+
+def fetch_and_decode(batch: pa.Table, *, retries: int, endpoint: str | None, max_pixels: int, max_side: int) -> pa.Table:
+    """Ray Data task: fetch a batch of objects concurrently (IO-bound), decode them one by one."""
+    rows = batch.to_pylist()
+
+    def fetch(row: dict) -> tuple[bytes | None, str | None, float]:
+        t0 = time.perf_counter()
+        size = row.get("size")
+        if size is not None and size > MAX_OBJECT_BYTES:
+            return None, f"object is {size:,} bytes, above the {MAX_OBJECT_BYTES:,}-byte fetch limit", 0.0
+        try:
+            data = storage.fetch_bytes(row["uri"], retries=retries, endpoint=endpoint)
+            return data, None, time.perf_counter() - t0
+        except storage.FetchError as exc:
+            return None, str(exc), time.perf_counter() - t0
+        except Exception as exc:  # unexpected client errors still become a row
+            return None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0
+
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(rows)))) as pool:
+        fetched = list(pool.map(fetch, rows))
+    out_rows = []
+    for row, (data, error, fetch_s) in zip(rows, fetched):
+        decoded = _decode_one(row, data, error, max_pixels, max_side)
+        decoded["fetch_s"] = fetch_s
+        out_rows.append(decoded)
+    return pa.Table.from_pylist(out_rows, schema=DECODED_SCHEMA)
+
+
+# --------------------------------------------------------------------------- inference (Ray actors)
+
+
+def _images_from_batch(batch: pa.Table, ok_idx: np.ndarray) -> list[np.ndarray]:
+    """Zero-copy views of the decoded pixels of the ok rows."""
+    pixels = batch.column("pixels").combine_chunks()
+    offsets = np.frombuffer(pixels.buffers()[1], dtype=np.int64)[pixels.offset : pixels.offset + len(pixels) + 1]
+    data = np.frombuffer(pixels.buffers()[2], dtype=np.uint8) if pixels.buffers()[2] is not None else np.zeros(0, np.uint8)
+    hs = batch.column("pix_h").to_numpy(zero_copy_only=False)
+    ws = batch.column("pix_w").to_numpy(zero_copy_only=False)
+    return [data[offsets[i] : offsets[i + 1]].reshape(int(hs[i]), int(ws[i]), 3) for i in ok_idx]
+
+
+def _faces_array(results: list, n_rows: int, ok_idx: np.ndarray, embed: bool) -> pa.Array:
+    """One list<struct> entry per row of the batch (empty list for rows that are not ok)."""
+    per_row = [None] * n_rows
+    for i, res in zip(ok_idx, results):
+        per_row[i] = res
+    counts = np.array([0 if r is None else len(r) for r in per_row], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    present = [r for r in per_row if r is not None and len(r)]
+    total = int(counts.sum())
+
+    def cat(attr: str, shape: tuple) -> np.ndarray:
+        if not present:
+            return np.zeros((0, *shape), np.float32)
+        return np.concatenate([np.asarray(getattr(r, attr), np.float32).reshape(-1, *shape) for r in present])
+
+    def fixed(values: np.ndarray, width: int) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float32()), width)
+
+    face_index = np.concatenate([np.arange(len(r), dtype=np.int32) for r in present]) if present else np.zeros(0, np.int32)
+    if embed:
+        embedding = fixed(cat("embeddings", (tables.EMBEDDING_DIM,)), tables.EMBEDDING_DIM)
+    else:
+        embedding = pa.nulls(total, pa.list_(pa.float32(), tables.EMBEDDING_DIM))
+    struct = pa.StructArray.from_arrays(
+        [
+            pa.array(face_index, pa.int32()),
+            fixed(cat("boxes", (4,)), 4),
+            pa.array(cat("scores", ()), pa.float32()),
+            fixed(cat("landmarks", (5, 2)), 10),
+            embedding,
+            pa.array(cat("face_size", ()), pa.float32()),
+            pa.array(cat("roll", ()), pa.float32()),
+            pa.array(cat("yaw", ()), pa.float32()),
+            pa.array(cat("sharpness", ()), pa.float32()),
+        ],
+        fields=list(FACE_STRUCT),
+    )
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), struct)
+
+
+class FaceModelActor:
+    """Holds the models on one device; each call analyses a whole batch of decoded images."""
+
+    def __init__(self, device: str, detector_params: dict, embed: bool, torch_threads: int | None):
+        import torch
+
+        from .config import DetectorParams
+        from .inference import FaceAnalyzer
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        params = DetectorParams(
+            min_face_size=detector_params["min_face_size"],
+            thresholds=tuple(detector_params["thresholds"]),
+            scale_factor=detector_params["scale_factor"],
+        )
+        self.embed = embed
+        self.analyzer = FaceAnalyzer(device=device, detector_params=params, embed=embed)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from .inference import StageTimes
+
+        status = batch.column("status").to_pylist()
+        errors = batch.column("error").to_pylist()
+        ok_idx = np.array([i for i, s in enumerate(status) if s == "ok"], dtype=np.int64)
+        images = _images_from_batch(batch, ok_idx)
+        scales = batch.column("scale").to_pylist()
+        ok_scales = [float(scales[i]) for i in ok_idx]
+        times = StageTimes()
+        t0 = time.perf_counter()
+        try:
+            results = self.analyzer.analyze(images, ok_scales, times)
+        except Exception:
+            # Isolate the image that breaks the batch: the others still get their faces.
+            results = []
+            for j, (img, scale) in enumerate(zip(images, ok_scales)):
+                try:
+                    results.extend(self.analyzer.analyze([img], [scale], times))
+                except Exception as exc:
+                    i = int(ok_idx[j])
+                    status[i] = "failed"
+                    errors[i] = f"face analysis failed: {type(exc).__name__}: {exc}"
+                    results.append(None)
+        infer_s = time.perf_counter() - t0
+        keep = [k for k, r in enumerate(results) if r is not None]
+        ok_idx_final = ok_idx[keep] if len(ok_idx) else ok_idx
+        results = [results[k] for k in keep]
+        num_faces = [None] * batch.num_rows
+        for i, res in zip(ok_idx_final, results):
+            num_faces[i] = len(res)
+        n = max(1, batch.num_rows)
+        out = batch.drop_columns(["pixels", "pix_h", "pix_w", "status", "error"])
+        out = out.append_column("status", pa.array(status, pa.string()))
+        out = out.append_column("error", pa.array(errors, pa.string()))
+        out = out.append_column("num_faces", pa.array(num_faces, pa.int32()))
+        out = out.append_column("faces", _faces_array(results, batch.num_rows, ok_idx_final, self.embed))
+        # Stage seconds, spread over the batch's rows so the driver can sum them per run.
+        out = out.append_column("detect_s", pa.array(np.full(batch.num_rows, times.detect_s / n, np.float32)))
+        out = out.append_column("embed_s", pa.array(np.full(batch.num_rows, times.embed_s / n, np.float32)))
+        out = out.append_column("infer_s", pa.array(np.full(batch.num_rows, infer_s / n, np.float32)))
+        return out
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    pipeline_version: str
+    out: str
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def status_counts(self) -> dict[str, int]:
+        return self.record.get("images_by_status", {})
+
+
+def split_output(batch: pa.Table, version: str, run_id: str, indexed_at: datetime) -> tuple[pa.Table, pa.Table]:
+    """The actor's per-image rows -> (images rows, faces rows) in the table contract."""
+    n = batch.num_rows
+    images = pa.table(
+        {
+            "image_id": batch["image_id"],
+            "uri": batch["uri"],
+            "etag": batch["etag"],
+            "size_bytes": batch["size_bytes"],
+            "width": batch["width"],
+            "height": batch["height"],
+            "format": batch["format"],
+            "status": batch["status"],
+            "error": batch["error"],
+            "num_faces": batch["num_faces"],
+            "pipeline_version": pa.array([version] * n, pa.string()),
+            "run_id": pa.array([run_id] * n, pa.string()),
+            "indexed_at": pa.array([indexed_at] * n, pa.timestamp("us", tz="UTC")),
+        }
+    )
+    faces_col = batch["faces"].combine_chunks()
+    parents = pc.list_parent_indices(faces_col)
+    flat = pc.list_flatten(faces_col)
+    m = len(flat)
+    columns = {"image_id": pc.take(batch["image_id"], parents)}
+    for name in FACE_STRUCT.names:
+        columns[name] = flat.field(name)
+    columns["pipeline_version"] = pa.array([version] * m, pa.string())
+    columns["run_id"] = pa.array([run_id] * m, pa.string())
+    faces = pa.table(columns)
+    return images, faces
+
+
+def default_sizing(config: IndexConfig, resources: dict[str, float]) -> dict[str, Any]:
+    """Pool and batch sizes from the cluster's resources, unless the config sets them."""
+    cpus = max(1, int(resources.get("CPU", 1)))
+    gpus = int(resources.get("GPU", 0))
+    use_gpu = config.device.startswith("cuda") or (config.device == "auto" and gpus > 0)
+    if use_gpu:
+        if gpus < 1:
+            raise RuntimeError(f"device {config.device!r} asks for GPUs but the Ray cluster has none")
+        num_actors = config.num_actors or gpus
+        return {
+            "device": "cuda",
+            "num_actors": num_actors,
+            "num_gpus": 1,
+            "actor_cpus": 1,
+            "torch_threads": None,
+            "batch_size": config.batch_size or 64,
+            # Enough decoders to keep every GPU fed: everything but one CPU per actor.
+            "read_concurrency": config.read_concurrency or max(1, cpus - num_actors),
+        }
+    # CPU: one actor per 4 cores, each running torch on its share; the remaining cores fetch and decode.
+    num_actors = config.num_actors or max(1, cpus // 4)
+    read_cpus = max(1, cpus // 4)
+    threads = max(1, (cpus - read_cpus) // num_actors) if cpus > 2 else cpus
+    return {
+        "device": "cpu",
+        "num_actors": num_actors,
+        "num_gpus": 0,
+        "actor_cpus": 1,
+        "torch_threads": threads,
+        "batch_size": config.batch_size or 16,
+        "read_concurrency": config.read_concurrency or read_cpus,
+    }
+
+
+def run_index(config: IndexConfig, ray_address: str | None = None, object_store_memory: int | None = None,
+              progress: bool = True) -> RunSummary:
+    """Plan, run and publish one indexing run. Raises on failure of the run itself (not of single objects)."""
+    import ray
+
+    from .plan import build_plan
+
+    config.validate()
+    t_start = time.perf_counter()
+    out = storage.parse_location(config.out)
+    endpoint = config.s3_endpoint_url()
+    run_id = config.run_id or new_run_id()
+
+    recovered = tables.recover_staging(out, endpoint)
+    for action in recovered:
+        log.warning("previous run %s was interrupted: %s", action["run_id"], action["action"])
+
+    # Model hashes (and so the pipeline version) come from the files, before any cluster work.
+    model_hashes = models.model_hashes(embed=config.embed)
+    version = pipeline_version(model_hashes, config)
+
+    t0 = time.perf_counter()
+    plan = build_plan(config, version)
+    plan_s = time.perf_counter() - t0
+    todo = plan.num_todo
+    log.info("plan: %s -> %d to process (%s)", config.source, todo, plan.counts)
+
+    if not ray.is_initialized():
+        init_kwargs: dict[str, Any] = {"address": ray_address, "log_to_driver": True, "include_dashboard": False}
+        if object_store_memory and not (ray_address or os.environ.get("RAY_ADDRESS")):
+            init_kwargs["object_store_memory"] = object_store_memory
+        ray.init(**{k: v for k, v in init_kwargs.items() if v is not None})
+    sizing = default_sizing(config, ray.cluster_resources())
+
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # keeps output sorted by image_id, as the plan is
+    ctx.enable_progress_bars = progress and sys.stderr.isatty()
+
+    indexed_at = datetime.now(timezone.utc)
+    writer = tables.RunWriter(out, run_id, endpoint, row_group_size=config.rows_per_row_group)
+    status_counts: dict[str, int] = {}
+    faces_total = 0
+    stage = {"fetch_s": 0.0, "decode_s": 0.0, "detect_s": 0.0, "embed_s": 0.0, "infer_s": 0.0}
+    processed = 0
+    t_infer = time.perf_counter()
+    if todo:
+        refs = [ray.put(pa.Table.from_batches([b])) for b in plan.batches(rows=2_000)]
+        ds = ray.data.from_arrow_refs(refs)
+        read_batch = 8
+        ds = ds.map_batches(
+            fetch_and_decode,
+            batch_size=read_batch,
+            batch_format="pyarrow",
+            fn_kwargs={"retries": config.fetch_retries, "endpoint": endpoint, "max_pixels": config.max_pixels,
+                       "max_side": config.max_side},
+            num_cpus=1,
+            concurrency=sizing["read_concurrency"],
+            max_retries=3,
+        )
+        ds = ds.map_batches(
+            FaceModelActor,
+            batch_size=sizing["batch_size"],
+            batch_format="pyarrow",
+            fn_constructor_kwargs={
+                "device": sizing["device"],
+                "detector_params": {
+                    "min_face_size": config.detector.min_face_size,
+                    "thresholds": list(config.detector.thresholds),
+                    "scale_factor": config.detector.scale_factor,
+                },
+                "embed": config.embed,
+                "torch_threads": sizing["torch_threads"],
+            },
+            concurrency=sizing["num_actors"],
+            num_cpus=sizing["actor_cpus"],
+            num_gpus=sizing["num_gpus"],
+            max_restarts=3,
+            max_task_retries=3,
+        )
+        last_log = time.perf_counter()
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            images_rows, faces_rows = split_output(batch, version, run_id, indexed_at)
+            writer.write("faces", faces_rows)
+            writer.write("images", images_rows)
+            for s, c in zip(*np.unique(np.asarray(images_rows["status"].to_pylist(), dtype=object), return_counts=True)):
+                status_counts[s] = status_counts.get(s, 0) + int(c)
+            faces_total += faces_rows.num_rows
+            for key in stage:
+                stage[key] += float(pc.sum(batch[key]).as_py() or 0.0)
+            processed += batch.num_rows
+            now = time.perf_counter()
+            if now - last_log > 10 or processed == todo:
+                rate = processed / max(1e-9, now - t_infer)
+                log.info("progress: %d/%d images (%.1f%%), %d faces, %.1f images/s", processed, todo,
+                         100.0 * processed / todo, faces_total, rate)
+                last_log = now
+    rows = writer.close()
+    process_s = time.perf_counter() - t_infer
+    if rows["images"] != todo:
+        raise RuntimeError(f"run {run_id} wrote {rows['images']} images rows for {todo} planned objects")
+
+    record = {
+        "run_id": run_id,
+        "facebatch_version": __version__,
+        "pipeline_version": version,
+        "source": config.source,
+        "out": config.out,
+        "started_at": indexed_at.isoformat(),
+        "objects": plan.counts,
+        "processed": todo,
+        "images_by_status": status_counts,
+        "faces": faces_total,
+        "seconds": {"plan": plan_s, "process": process_s, "total": time.perf_counter() - t_start,
+                    **{f"{k[:-2]}_cpu_sum": v for k, v in stage.items()}},
+        "images_per_second": todo / process_s if process_s > 0 else None,
+        "sizing": sizing,
+        "config": config.to_json(),
+        "models": {name: {"sha256": sha} for name, sha in model_hashes.items()},
+        "recovered_runs": recovered,
+    }
+    fs = storage.arrow_filesystem(out, endpoint)
+    if plan.deleted_ids_path:
+        # --prune: the ids of objects gone from SOURCE are removed when this run publishes.
+        import pyarrow.parquet as pq
+
+        pq.write_table(pq.read_table(plan.deleted_ids_path), out.join("_staging", run_id, "prune.parquet").fs_path(), filesystem=fs)
+    tables.write_json(fs, out.join("_staging", run_id, "record.json"), record)
+    tables.publish_run(out, run_id, record, endpoint)
+    plan.cleanup()
+    return RunSummary(run_id=run_id, pipeline_version=version, out=config.out, record=record)

@@ -315,6 +315,14 @@ def recover_staging(out: storage.Location, endpoint: str | None = None) -> list[
         if entry.type != pafs.FileType.Directory:
             continue
         run_id = entry.base_name
+        if run_id.startswith("compact-"):
+            from .compact import finish_compaction
+
+            finished = finish_compaction(out, run_id, endpoint)
+            if not finished:
+                _delete_tree(fs, out.join("_staging", run_id))
+            actions.append({"run_id": run_id, "action": "finished compaction" if finished else "discarded compaction"})
+            continue
         ready = read_json(fs, staging_location(out, run_id, "READY"))
         staged_record = read_json(fs, out.join("_staging", run_id, "record.json"))
         if ready is not None and staged_record is not None:

@@ -233,3 +233,52 @@ def test_changed_objects_replace_their_rows_and_prune_removes_deleted(tmp_path):
     ids = [r[0] for r in con.sql(f"SELECT image_id FROM read_parquet('{out}/images/*.parquet') ORDER BY 1").fetchall()]
     assert ids == ["b", "c", "x"]
     assert [r[0] for r in con.sql(f"SELECT image_id FROM read_parquet('{out}/faces/*.parquet') ORDER BY 1").fetchall()] == ["b", "c", "x"]
+
+
+def test_compaction_merges_sorted_and_keeps_every_row(tmp_path):
+    from facebatch.compact import compact
+
+    out = str(tmp_path / "out")
+    # Eight nightly runs whose id ranges interleave.
+    for night in range(8):
+        ids = [f"img-{i:04d}" for i in range(night, 400, 8)]
+        _publish(out, f"run-{night}", ids, ["e"] * len(ids), ["ok"] * len(ids))
+    con = duckdb.connect()
+    before = con.sql(f"SELECT * FROM read_parquet('{out}/faces/*.parquet') ORDER BY image_id").fetchall()
+    report = compact(out, target_rows=150, row_group_size=50)
+    assert report["tables"]["faces"] == {"files_before": 8, "files_after": 3, "rows": 400}
+    after = con.sql(f"SELECT * FROM read_parquet('{out}/faces/*.parquet') ORDER BY image_id").fetchall()
+    assert after == before
+    location = storage.parse_location(out)
+    files = tables.list_table_files(location, "faces")
+    ranges = []
+    for path in files:
+        col = pq.read_table(path, columns=["image_id"])["image_id"].to_pylist()
+        assert col == sorted(col)
+        ranges.append((col[0], col[-1]))
+    assert ranges == sorted(ranges) and all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))  # disjoint, ordered
+    assert not (tmp_path / "out" / "_staging").exists() or not any((tmp_path / "out" / "_staging").iterdir())
+    assert compact(out)["tables"]["faces"] == {"files_before": 3, "files_after": 1, "rows": 400}
+
+
+def test_interrupted_compaction_is_finished_by_the_next_run(tmp_path):
+    from facebatch.compact import finish_compaction
+
+    out = str(tmp_path / "out")
+    for night in range(3):
+        _publish(out, f"run-{night}", [f"n{night}"], ["e"], ["ok"])
+    location = storage.parse_location(out)
+    fs = storage.arrow_filesystem(location)
+    # Simulate a crash after the journal was written and one file was swapped in.
+    staged = location.join("_staging", "compact-x", "faces", "part-00000.parquet")
+    (tmp_path / "out" / "_staging" / "compact-x" / "faces").mkdir(parents=True)
+    merged = pa.concat_tables([pq.read_table(f) for f in tables.list_table_files(location, "faces")])
+    pq.write_table(merged, staged.fs_path())
+    old = tables.list_table_files(location, "faces")
+    tables.write_json(fs, location.join("_staging", "compact-x", "compact.json"),
+                      {"add": [{"staged": staged.fs_path(), "final": location.join("faces", "compact-x-00000.parquet").fs_path()}], "remove": old})
+    fs.delete_file(old[0])  # part of the removal already happened
+    assert tables.recover_staging(location) == [{"run_id": "compact-x", "action": "finished compaction"}]
+    assert [p.rsplit("/", 1)[1] for p in tables.list_table_files(location, "faces")] == ["compact-x-00000.parquet"]
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/faces/*.parquet')").fetchone()[0] == 3
+    assert not finish_compaction(location, "compact-x")

@@ -1,0 +1,100 @@
+"""`facebatch compact OUT`: merge many small per-run files into few large files sorted by image_id.
+
+Nightly runs leave one small file per table per night; lookups then open every file. Compaction
+rewrites each table as files of about `target_rows` rows, globally sorted by image_id, so each file
+and each row group covers a narrow image_id range and DuckDB/Athena/Spark skip nearly all of them.
+
+Protocol (safe to run while no indexing run writes to OUT):
+1. the merged files are written under OUT/_staging/compact-<id>/ (invisible to *.parquet globs);
+2. a journal (compact.json) lists the files to add and the files to remove;
+3. the swap: each new file is moved in (one atomic step each), then the old files are deleted.
+A crash at any point is finished (journal complete) or discarded (no journal) by the next
+`compact` or `index` run. During the swap itself (milliseconds locally, one server-side copy per
+file on S3) a reader may see old and new files together; the journal makes that state transient.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import duckdb
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from . import storage, tables
+
+SORT_KEYS = {"images": "image_id, pipeline_version", "faces": "image_id, pipeline_version, face_index"}
+
+
+def _fs_location(out: storage.Location, fs_path: str) -> storage.Location:
+    if out.is_s3:
+        bucket, key = fs_path.split("/", 1)
+        return storage.Location("s3", bucket, key)
+    return storage.Location("file", "", fs_path)
+
+
+def finish_compaction(out: storage.Location, compaction_id: str, endpoint: str | None = None) -> bool:
+    """Complete a journaled swap (idempotent). Returns False when there is no journal."""
+    fs = storage.arrow_filesystem(out, endpoint)
+    journal = tables.read_json(fs, out.join("_staging", compaction_id, "compact.json"))
+    if journal is None:
+        return False
+    for item in journal["add"]:
+        tables._move(out, _fs_location(out, item["staged"]), _fs_location(out, item["final"]), endpoint)
+    for old in journal["remove"]:
+        try:
+            fs.delete_file(old)
+        except (FileNotFoundError, OSError):
+            pass
+    try:
+        fs.delete_dir(out.join("_staging", compaction_id).fs_path())
+    except (FileNotFoundError, OSError):
+        pass
+    return True
+
+
+def compact(out_uri: str, target_rows: int = 2_000_000, endpoint: str | None = None, row_group_size: int = 100_000) -> dict[str, Any]:
+    out = storage.parse_location(out_uri)
+    fs = storage.arrow_filesystem(out, endpoint)
+    tables.recover_staging(out, endpoint)
+    compaction_id = "compact-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    journal: dict[str, list] = {"add": [], "remove": []}
+    report: dict[str, Any] = {"compaction_id": compaction_id, "tables": {}}
+    t0 = time.perf_counter()
+    for name, schema in tables.TABLES.items():
+        files = tables.list_table_files(out, name, endpoint)
+        if len(files) <= 1:
+            report["tables"][name] = {"files_before": len(files), "files_after": len(files), "rows": None, "skipped": True}
+            continue
+        con = duckdb.connect()
+        con.execute("SET preserve_insertion_order=true")
+        con.register("source_rows", pads.dataset(files, schema=schema, filesystem=fs, format="parquet"))
+        reader = con.execute(f"SELECT * FROM source_rows ORDER BY {SORT_KEYS[name]}").to_arrow_reader(row_group_size)
+        part, rows_in_part, total = 0, 0, 0
+        writer = None
+        staged_dir = out.join("_staging", compaction_id, name)
+        fs.create_dir(staged_dir.fs_path(), recursive=True)
+        for batch in reader:
+            if writer is None or rows_in_part >= target_rows:
+                if writer is not None:
+                    writer.close()
+                staged = staged_dir.join(f"part-{part:05d}.parquet")
+                final = out.join(name, f"{compaction_id}-{part:05d}.parquet")
+                journal["add"].append({"staged": staged.fs_path(), "final": final.fs_path()})
+                writer = pq.ParquetWriter(staged.fs_path(), schema, filesystem=fs, compression="zstd", write_statistics=True)
+                part, rows_in_part = part + 1, 0
+            writer.write_batch(batch.cast(schema) if batch.schema != schema else batch, row_group_size=row_group_size)
+            rows_in_part += batch.num_rows
+            total += batch.num_rows
+        if writer is not None:
+            writer.close()
+        con.close()
+        journal["remove"].extend(files)
+        report["tables"][name] = {"files_before": len(files), "files_after": part, "rows": total}
+    if journal["add"] or journal["remove"]:
+        tables.write_json(fs, out.join("_staging", compaction_id, "compact.json"), journal)
+        finish_compaction(out, compaction_id, endpoint)
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    return report

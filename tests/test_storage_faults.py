@@ -1,0 +1,49 @@
+"""Transient S3 failures (throttling, 5xx) are retried with backoff; persistent ones become an error."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from facebatch import storage
+from faulty_proxy import FaultyS3Proxy
+
+
+@pytest.fixture()
+def proxy(s3_server):
+    client = s3_server.client()
+    client.create_bucket(Bucket="faults")
+    for key in ("ok.jpg", "flaky-1.jpg", "broken-1.jpg"):
+        client.put_object(Bucket="faults", Key=f"photos/{key}", Body=key.encode() * 100)
+    p = FaultyS3Proxy(s3_server.endpoint, flaky_failures=3)
+    yield p
+    p.stop()
+
+
+def test_throttled_object_is_fetched_after_retries(proxy):
+    t0 = time.perf_counter()
+    data = storage.fetch_bytes("s3://faults/photos/flaky-1.jpg", retries=5, endpoint=proxy.endpoint, base_delay=0.01)
+    assert data == b"flaky-1.jpg" * 100
+    assert proxy.failures_served["/faults/photos/flaky-1.jpg"] == 3
+    assert time.perf_counter() - t0 < 30
+
+
+def test_persistent_5xx_gives_up_with_a_clear_message(proxy):
+    with pytest.raises(storage.FetchError) as info:
+        storage.fetch_bytes("s3://faults/photos/broken-1.jpg", retries=2, endpoint=proxy.endpoint, base_delay=0.01)
+    assert info.value.transient
+    assert "InternalError" in str(info.value) and "gave up after 3 attempts" in str(info.value)
+
+
+def test_missing_object_is_not_retried(proxy):
+    before = sum(proxy.requests.values())
+    with pytest.raises(storage.FetchError) as info:
+        storage.fetch_bytes("s3://faults/photos/nope.jpg", retries=5, endpoint=proxy.endpoint, base_delay=0.01)
+    assert not info.value.transient and "NoSuchKey" in str(info.value)
+    assert sum(proxy.requests.values()) - before == 1
+
+
+def test_listing_through_the_proxy(proxy):
+    listed = [o.uri for o in storage.list_objects(storage.parse_location("s3://faults/photos/"), proxy.endpoint)]
+    assert listed == ["s3://faults/photos/broken-1.jpg", "s3://faults/photos/flaky-1.jpg", "s3://faults/photos/ok.jpg"]

@@ -1,0 +1,422 @@
+"""Offline checks of the deployment files in infra/: they parse, carry the fields their tools need, and
+every command they run is accepted by the real entrypoint's argument parser. No Docker, Kubernetes,
+cloud or GPU needed; the cron script runs for real against stand-ins for `ray` and its Python SDK."""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+INFRA = REPO / "infra"
+DOCKERFILE = INFRA / "Dockerfile"
+RAYJOB = INFRA / "kuberay" / "rayjob.yaml"
+NIGHTLY = INFRA / "kuberay" / "nightly.yaml"
+CLUSTER = INFRA / "aws" / "cluster.yaml"
+CRON = INFRA / "cron" / "nightly-index.sh"
+IMAGE_APP_DIR = "/app"  # WORKDIR of infra/Dockerfile, where the repository's files are copied
+
+
+# ---------------------------------------------------------------- helpers
+
+def load_entrypoint_module():
+    """jobs/index_archive.py imported from the repository (not an installed copy)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    spec = importlib.util.spec_from_file_location("facebatch_jobs_index_archive", REPO / "jobs" / "index_archive.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_entrypoint_accepts(argv: list[str], script_root: Path | str = REPO, image_paths: bool = False) -> None:
+    """argv is `python <script> args...`; the script must exist and its parser must accept the args."""
+    assert argv[0] in ("python", "python3"), argv
+    script = argv[1]
+    if image_paths:
+        assert script.startswith(IMAGE_APP_DIR + "/"), f"{script}: use the absolute path inside the image"
+        script = script[len(IMAGE_APP_DIR) + 1:]
+    assert (Path(script_root) / script).resolve() == (REPO / "jobs" / "index_archive.py").resolve(), script
+    module = load_entrypoint_module()
+    parser = module.build_parser()
+    try:
+        args = parser.parse_args(argv[2:])
+    except SystemExit as exc:  # argparse reports errors by exiting
+        pytest.fail(f"jobs/index_archive.py rejects {argv[2:]} (exit {exc.code})")
+    from facebatch.cli import config_from_args
+
+    config_from_args(args)  # the values are valid too (ConfigError otherwise)
+
+
+def pod_containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+def dockerfile_args() -> dict[str, str]:
+    return dict(re.findall(r"^ARG\s+(\w+)=(\S+)", DOCKERFILE.read_text(), flags=re.M))
+
+
+CRON_FIELD_RANGES = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)]
+
+
+def valid_cron(expr: str) -> bool:
+    fields = expr.split()
+    if len(fields) != 5:
+        return False
+    for text, (low, high) in zip(fields, CRON_FIELD_RANGES):
+        for part in text.split(","):
+            m = re.fullmatch(r"(\*|(\d+)(?:-(\d+))?)(?:/(\d+))?", part)
+            if not m:
+                return False
+            values = [int(v) for v in (m.group(2), m.group(3)) if v is not None]
+            if any(not low <= v <= high for v in values) or (m.group(4) is not None and int(m.group(4)) < 1):
+                return False
+    return True
+
+
+# ---------------------------------------------------------------- all YAML
+
+@pytest.mark.parametrize("path", sorted(INFRA.rglob("*.yaml")), ids=lambda p: str(p.relative_to(INFRA)))
+def test_yaml_parses(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs, f"{path} holds no document"
+
+
+def test_cron_expression_checker():
+    assert valid_cron("0 2 * * *") and valid_cron("*/15 0-6 1,15 * 1-5")
+    assert not valid_cron("0 2 * *") and not valid_cron("61 2 * * *") and not valid_cron("0 2 * * mon-")
+
+
+# ---------------------------------------------------------------- KubeRay RayJob
+
+def load_rayjob() -> dict:
+    (doc,) = [d for d in yaml.safe_load_all(RAYJOB.read_text()) if d]
+    return doc
+
+
+def check_rayjob_spec(spec: dict) -> None:
+    assert isinstance(spec["entrypoint"], str) and spec["entrypoint"].strip()
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec.get("ttlSecondsAfterFinished", 0) > 0
+    assert spec.get("activeDeadlineSeconds", 0) > 0
+    assert spec.get("backoffLimit", 0) >= 1
+    assert spec.get("submissionMode", "K8sJobMode") in ("K8sJobMode", "HTTPMode")
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == dockerfile_args()["RAY_VERSION"], "rayVersion must match the image's Ray"
+    assert cluster.get("enableInTreeAutoscaling") is True
+
+    head = cluster["headGroupSpec"]
+    assert str(head["rayStartParams"].get("num-cpus")) == "0", "no image work on the head"
+    images = {c["image"] for c in pod_containers(head["template"])}
+    for c in pod_containers(head["template"]):
+        assert not c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
+
+    gpu_groups = []
+    for group in cluster["workerGroupSpecs"]:
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        for c in pod_containers(group["template"]):
+            images.add(c["image"])
+            if int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1:
+                gpu_groups.append(group)
+    assert gpu_groups, "no worker group with an nvidia.com/gpu limit"
+    # The pipeline sizes its pool from the GPUs present at the start: at least one from the start.
+    assert all(g["minReplicas"] >= 1 for g in gpu_groups)
+    assert all(images) and len(images) == 1, f"one image for every Ray container, got {images}"
+    assert not next(iter(images)).endswith(":latest")
+    # Credentials come from a Secret, never inline.
+    for template in [head["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        for c in pod_containers(template):
+            refs = [e.get("secretRef", {}).get("name") for e in c.get("envFrom", [])]
+            refs += [e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") for e in c.get("env", [])]
+            assert any(refs), f"container {c['name']} gets no credentials from a Secret"
+            assert not any(e.get("name", "").startswith("AWS_") and "value" in e for e in c.get("env", []))
+
+    argv = shlex.split(spec["entrypoint"])
+    assert_entrypoint_accepts(argv, image_paths=True)
+    args = load_entrypoint_module().build_parser().parse_args(argv[2:])
+    # The full GPU pool is asked for, so the autoscaler can grow to maxReplicas.
+    assert args.device == "cuda"
+    assert args.num_actors == sum(g["maxReplicas"] for g in gpu_groups)
+
+
+def test_rayjob():
+    doc = load_rayjob()
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert doc["kind"] == "RayJob"
+    assert doc["metadata"]["name"]
+    check_rayjob_spec(doc["spec"])
+
+
+# ---------------------------------------------------------------- nightly schedule
+
+def nightly_docs() -> dict[str, dict]:
+    docs = [d for d in yaml.safe_load_all(NIGHTLY.read_text()) if d]
+    by_kind = {d["kind"]: d for d in docs}
+    assert len(by_kind) == len(docs), "one object of each kind expected"
+    return by_kind
+
+
+def test_nightly_cronjob():
+    docs = nightly_docs()
+    assert {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "CronJob"} <= set(docs)
+    cron = docs["CronJob"]
+    assert cron["apiVersion"] == "batch/v1"
+    assert valid_cron(cron["spec"]["schedule"]), cron["spec"]["schedule"]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cron["spec"]["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 0, "a retried launcher would start a second run"
+    template = load_rayjob()
+    assert job["activeDeadlineSeconds"] > template["spec"]["activeDeadlineSeconds"]
+    assert job["activeDeadlineSeconds"] < 24 * 3600
+    pod = job["template"]["spec"]
+    assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
+    assert pod["restartPolicy"] == "Never"
+
+    # RBAC: the ServiceAccount may create, watch and prune RayJobs, and nothing else.
+    role, binding = docs["Role"], docs["RoleBinding"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"] and binding["roleRef"]["kind"] == "Role"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": docs["ServiceAccount"]["metadata"]["name"]}]
+    (rule,) = role["rules"]
+    assert rule["apiGroups"] == ["ray.io"] and rule["resources"] == ["rayjobs"]
+    assert {"create", "get", "list", "delete"} == set(rule["verbs"])
+
+    # The launcher runs launch.py from the mounted ConfigMap, with the template from the same place.
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    (mount,) = container["volumeMounts"]
+    (volume,) = pod["volumes"]
+    assert volume["name"] == mount["name"] and volume["configMap"]["name"] == docs["ConfigMap"]["metadata"]["name"]
+    data = docs["ConfigMap"]["data"]
+    assert container["command"][-1] == f"{mount['mountPath']}/launch.py" and "launch.py" in data
+    assert env["TEMPLATE"] == f"{mount['mountPath']}/rayjob.yaml" and "rayjob.yaml" in data
+
+
+def test_nightly_template_is_the_rayjob():
+    docs = nightly_docs()
+    template = yaml.safe_load(docs["ConfigMap"]["data"]["rayjob.yaml"])
+    assert template["apiVersion"] == "ray.io/v1" and template["kind"] == "RayJob"
+    # A unique name every night, from the API server.
+    assert template["metadata"].get("generateName") and "name" not in template["metadata"]
+    env = {e["name"]: e["value"] for e in nightly_docs()["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    key, _, value = env["RUN_SELECTOR"].partition("=")
+    assert template["metadata"]["labels"].get(key) == value, "RUN_SELECTOR must match the template's labels"
+    # Same run as rayjob.yaml: the two must not drift apart.
+    assert template["spec"] == load_rayjob()["spec"]
+    check_rayjob_spec(template["spec"])
+
+
+def load_launcher():
+    source = nightly_docs()["ConfigMap"]["data"]["launch.py"]
+    namespace: dict = {"__name__": "facebatch_nightly_launcher"}
+    exec(compile(source, "launch.py", "exec"), namespace)
+    return namespace
+
+
+def test_launcher_classifies_runs():
+    launcher = load_launcher()
+
+    def rayjob(name, created, status):
+        return {"metadata": {"name": name, "creationTimestamp": created}, "status": {"jobDeploymentStatus": status}}
+
+    items = [
+        rayjob("c", "2026-01-03T02:00:00Z", "Complete"),
+        rayjob("a", "2026-01-01T02:00:00Z", "Failed"),
+        rayjob("d", "2026-01-04T02:00:00Z", "Running"),
+        {"metadata": {"name": "e", "creationTimestamp": "2026-01-05T02:00:00Z"}},  # just created: no status yet
+        rayjob("r", "2026-01-02T02:00:00Z", "Retrying"),
+    ]
+    active, finished = launcher["split_runs"](items)
+    assert sorted(i["metadata"]["name"] for i in active) == ["d", "e", "r"]
+    assert [i["metadata"]["name"] for i in finished] == ["a", "c"]  # oldest first, pruned first
+
+
+# ---------------------------------------------------------------- Ray cluster launcher (AWS)
+
+def test_cluster_launcher_config():
+    config = yaml.safe_load(CLUSTER.read_text())
+    assert config["provider"]["type"] == "aws"
+    assert config["max_workers"] >= 1
+    assert config["idle_timeout_minutes"] > 0
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("CPU") == 0, "no image work on the head"
+    assert re.match(r"^(m|c|r)\d", head["node_config"]["InstanceType"]), "the head is a CPU instance"
+    gpu_types = {name: t for name, t in types.items()
+                 if name != config["head_node_type"] and re.match(r"^(g|p)\d", t["node_config"]["InstanceType"])}
+    assert gpu_types, "no GPU worker type"
+    for t in gpu_types.values():
+        assert 1 <= t["min_workers"] <= t["max_workers"] <= config["max_workers"]
+        assert "IamInstanceProfile" in t["node_config"]
+    assert "IamInstanceProfile" in head["node_config"]
+    image = config["docker"]["image"]
+    assert image and not image.endswith(":latest")
+    # The image bakes everything: no pip installs at node start.
+    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands"):
+        assert not any("pip install" in c for c in config.get(key, []))
+
+
+def test_cluster_launcher_config_passes_rays_schema():
+    util = pytest.importorskip("ray.autoscaler._private.util")
+    config = yaml.safe_load(CLUSTER.read_text())
+    util.validate_config(util.prepare_config(config))  # Ray's own JSON schema for cluster YAMLs
+
+
+# ---------------------------------------------------------------- Dockerfile
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())  # join continuation lines
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile():
+    instructions = dockerfile_instructions()
+    args = dockerfile_args()
+    (base,) = [rest for kw, rest in instructions if kw == "FROM"]
+    m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-(?:cudnn-)?runtime-ubuntu\d+\.\d+", base)
+    assert m, f"FROM must be an nvidia/cuda runtime image, got {base!r}"
+    # torch's CUDA flavour matches the base image's CUDA version.
+    assert args["TORCH_CUDA"] == f"cu{m.group(1)}{m.group(2)}", (base, args["TORCH_CUDA"])
+    assert re.fullmatch(r"\d+\.\d+\.\d+", args["TORCH_VERSION"]), "torch must be pinned to an exact version"
+    assert args["PYTHON_VERSION"] == "3.11"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", args["RAY_VERSION"])
+    runs = [rest for kw, rest in instructions if kw == "RUN"]
+    assert any("download.pytorch.org/whl/" in args["TORCH_INDEX_URL"] and '--index-url "${TORCH_INDEX_URL}"' in r
+               and '"torch==${TORCH_VERSION}+${TORCH_CUDA}"' in r for r in runs), "CUDA torch from the PyTorch index"
+    # The package is copied in and installed (not editable), with Ray pinned to the cluster's version.
+    copies = [rest.split() for kw, rest in instructions if kw == "COPY"]
+    copied = {src for parts in copies for src in parts[:-1] if not src.startswith("--")}
+    assert {"pyproject.toml", "facebatch", "jobs"} <= copied
+    for src in copied - {"README.md"}:  # README.md is pyproject's readme; it is written elsewhere
+        assert (REPO / src).exists(), f"COPY source {src} missing from the repository"
+    assert any(re.search(r"pip install .*\"ray\[default,data\]==\$\{RAY_VERSION\}\" \.", r) for r in runs)
+    # The build fails when the model files or the CUDA build are wrong.
+    assert any("from facebatch.models import model_hashes" in r and "model_hashes()" in r for r in runs)
+    assert any("torch.version.cuda" in r for r in runs)
+    users = [rest for kw, rest in instructions if kw == "USER"]
+    assert users and users[-1] not in ("root", "0"), "the image must run as a non-root user"
+    (workdir,) = {rest for kw, rest in instructions if kw == "WORKDIR"}
+    assert workdir == IMAGE_APP_DIR
+    assert any("index_archive.py --help" in r for r in runs)
+
+
+# ---------------------------------------------------------------- cron script
+
+def test_cron_script_syntax():
+    text = CRON.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n")
+    assert re.search(r"^set -euo pipefail$", text, flags=re.M)
+    assert "flock" in text
+    assert os.access(CRON, os.X_OK), "the cron script must be executable"
+    subprocess.run(["bash", "-n", str(CRON)], check=True)
+    # The embedded job-status helper is valid Python and uses the public job SDK.
+    (status_py,) = re.findall(r"^STATUS_PY='(.*?)^'$", text, flags=re.M | re.S)
+    compile(status_py, "STATUS_PY", "exec")
+    assert "from ray.job_submission import" in status_py
+    if shutil.which("shellcheck"):
+        subprocess.run(["shellcheck", "-S", "warning", str(CRON)], check=True)
+
+
+@pytest.fixture()
+def cron_env(tmp_path):
+    """Stand-ins for the ray CLI (records its argv) and the Python SDK (answers from env vars)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ray").write_text(
+        '#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$FAKE_RAY_ARGV"\necho "fake ray: job log line"\n'
+        'exit "${FAKE_SUBMIT_RC:-0}"\n')
+    # Called as: python -c CODE active PREFIX | python -c CODE wait ID
+    (bin_dir / "python").write_text(
+        '#!/usr/bin/env bash\ncase "$3" in\n'
+        '  active) printf "%s" "${FAKE_ACTIVE:-}"; exit 0 ;;\n'
+        '  wait) echo "${FAKE_STATUS:-SUCCEEDED}"; case "${FAKE_STATUS:-SUCCEEDED}" in\n'
+        '      SUCCEEDED) exit 0 ;; MISSING) exit 3 ;; *) exit 1 ;; esac ;;\n'
+        'esac\nexit 9\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "FACEBATCH_SOURCE": "s3://photos/archive/",
+        "FACEBATCH_OUT": "s3://index/facebatch/",
+        "FACEBATCH_LOG_DIR": str(tmp_path / "logs"),
+        "RAY_ADDRESS": "http://10.0.0.1:8265",
+        "FAKE_RAY_ARGV": str(tmp_path / "ray-argv"),
+    }
+    return env, tmp_path
+
+
+def run_cron(env, **extra):
+    return subprocess.run(["bash", str(CRON)], env={**env, **extra}, capture_output=True, text=True, timeout=30)
+
+
+def test_cron_script_submits_an_accepted_command(cron_env):
+    env, tmp = cron_env
+    result = run_cron(env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    argv = (tmp / "ray-argv").read_text().split("\0")[:-1]
+    assert argv[:2] == ["job", "submit"]
+    split = argv.index("--")
+    options, command = argv[:split], argv[split + 1:]
+    assert options[options.index("--address") + 1] == "http://10.0.0.1:8265"
+    submission_id = options[options.index("--submission-id") + 1]
+    assert re.fullmatch(r"facebatch-nightly-\d{8}T\d{6}Z", submission_id)
+    working_dir = Path(options[options.index("--working-dir") + 1])
+    assert working_dir.resolve() == REPO.resolve()
+    assert command[2:5] == ["s3://photos/archive/", "--out", "s3://index/facebatch/"]
+    assert_entrypoint_accepts(command, script_root=working_dir)
+    # One log file per run, named after the submission.
+    log = (tmp / "logs" / f"{submission_id}.log").read_text()
+    assert "fake ray: job log line" in log and "succeeded" in log
+
+    custom = run_cron(env, FACEBATCH_ARGS="--device auto --num-actors 2 --limit 1000")
+    assert custom.returncode == 0, custom.stdout + custom.stderr
+    command = (tmp / "ray-argv").read_text().split("\0")[:-1]
+    command = command[command.index("--") + 1:]
+    assert command[-6:] == ["--device", "auto", "--num-actors", "2", "--limit", "1000"]
+    assert_entrypoint_accepts(command, script_root=working_dir)
+
+
+@pytest.mark.parametrize("status, submit_rc", [("FAILED", 1), ("STOPPED", 0), ("MISSING", 1)])
+def test_cron_script_propagates_failure(cron_env, status, submit_rc):
+    env, _ = cron_env
+    # `ray job submit` exits 0 for a stopped job: the final status decides, not its exit status.
+    result = run_cron(env, FAKE_STATUS=status, FAKE_SUBMIT_RC=str(submit_rc))
+    assert result.returncode == 1, result.stdout + result.stderr
+
+
+def test_cron_script_never_overlaps(cron_env):
+    env, tmp = cron_env
+    # A run still active on the cluster (its cron host rebooted): skip.
+    result = run_cron(env, FAKE_ACTIVE="facebatch-nightly-20260101T020000Z")
+    assert result.returncode == 75 and "still active" in result.stdout
+    assert not (tmp / "ray-argv").exists()
+    # The lock held by a run on this host: skip.
+    (tmp / "logs").mkdir(exist_ok=True)
+    with open(tmp / "logs" / "nightly.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run_cron(env)
+    assert result.returncode == 75 and "held" in result.stdout
+    assert not (tmp / "ray-argv").exists()
+
+
+def test_cron_script_requires_settings(cron_env):
+    env, _ = cron_env
+    env = {k: v for k, v in env.items() if k != "FACEBATCH_OUT"}
+    result = run_cron(env)
+    assert result.returncode == 2 and "FACEBATCH_OUT" in result.stderr

@@ -75,7 +75,7 @@ def compact(out_uri: str, target_rows: int = 2_000_000, endpoint: str | None = N
         part, rows_in_part, total = 0, 0, 0
         writer = None
         staged_dir = out.join("_staging", compaction_id, name)
-        fs.create_dir(staged_dir.fs_path(), recursive=True)
+        tables.ensure_parent_dir(fs, out, staged_dir.join("part").fs_path())
         for batch in reader:
             if writer is None or rows_in_part >= target_rows:
                 if writer is not None:

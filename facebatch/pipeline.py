@@ -84,7 +84,7 @@ def _decode_one(row: dict, data: bytes | None, fetch_error: str | None, max_pixe
     try:
         img = decode_image(data, max_pixels=max_pixels, max_side=max_side)
     except DecodeError as exc:
-        out.update(status=exc.status, error=str(exc.message if hasattr(exc, "message") else exc))
+        out.update(status=exc.status, error=exc.message)
     except Exception as exc:  # a decoder bug must cost one row, never the run
         out.update(status="corrupt", error=f"decoder failed: {type(exc).__name__}: {exc}")
     else:
@@ -95,8 +95,25 @@ def _decode_one(row: dict, data: bytes | None, fetch_error: str | None, max_pixe
     return out
 
 
+def _die_once(variable: str) -> None:
+    """Fault-tolerance tests: the first worker to pass here exits hard (as on OOM-kill or a lost node).
+
+    The variable names a marker file; whoever creates it first dies, later calls run normally.
+    """
+    marker = os.environ.get(variable)
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os._exit(1)
+
+
 def fetch_and_decode(batch: pa.Table, *, retries: int, endpoint: str | None, max_pixels: int, max_side: int) -> pa.Table:
     """Ray Data task: fetch a batch of objects concurrently (IO-bound), decode them one by one."""
+    _die_once("FACEBATCH_FAULT_KILL_READ_TASK_ONCE")
     rows = batch.to_pylist()
 
     def fetch(row: dict) -> tuple[bytes | None, str | None, float]:
@@ -196,6 +213,8 @@ class FaceModelActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from .inference import StageTimes
+
+        _die_once("FACEBATCH_FAULT_KILL_ACTOR_ONCE")
 
         status = batch.column("status").to_pylist()
         errors = batch.column("error").to_pylist()
@@ -378,8 +397,7 @@ def run_index(config: IndexConfig, ray_address: str | None = None, object_store_
             fn_kwargs={"retries": config.fetch_retries, "endpoint": endpoint, "max_pixels": config.max_pixels,
                        "max_side": config.max_side},
             num_cpus=1,
-            concurrency=sizing["read_concurrency"],
-            max_retries=3,
+            compute=ray.data.TaskPoolStrategy(size=sizing["read_concurrency"]),
         )
         ds = ds.map_batches(
             FaceModelActor,
@@ -395,11 +413,11 @@ def run_index(config: IndexConfig, ray_address: str | None = None, object_store_
                 "embed": config.embed,
                 "torch_threads": sizing["torch_threads"],
             },
-            concurrency=sizing["num_actors"],
+            # Ray Data restarts a lost actor and retries its batch (and retries lost read tasks)
+            # by default, so a killed worker or a lost node costs time, not rows.
+            compute=ray.data.ActorPoolStrategy(size=sizing["num_actors"]),
             num_cpus=sizing["actor_cpus"],
             num_gpus=sizing["num_gpus"],
-            max_restarts=3,
-            max_task_retries=3,
         )
         last_log = time.perf_counter()
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
@@ -412,6 +430,7 @@ def run_index(config: IndexConfig, ray_address: str | None = None, object_store_
             for key in stage:
                 stage[key] += float(pc.sum(batch[key]).as_py() or 0.0)
             processed += batch.num_rows
+            tables.fault_point("write-after-first-batch")
             now = time.perf_counter()
             if now - last_log > 10 or processed == todo:
                 rate = processed / max(1e-9, now - t_infer)
@@ -448,7 +467,9 @@ def run_index(config: IndexConfig, ray_address: str | None = None, object_store_
         import pyarrow.parquet as pq
 
         pq.write_table(pq.read_table(plan.deleted_ids_path), out.join("_staging", run_id, "prune.parquet").fs_path(), filesystem=fs)
+    tables.fault_point("staged-before-record")
     tables.write_json(fs, out.join("_staging", run_id, "record.json"), record)
+    tables.fault_point("staged-after-record")
     tables.publish_run(out, run_id, record, endpoint)
     plan.cleanup()
     return RunSummary(run_id=run_id, pipeline_version=version, out=config.out, record=record)

@@ -17,6 +17,8 @@ partial run.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,7 +106,7 @@ class RunWriter:
         self.fs = storage.arrow_filesystem(self.out, self.endpoint)
         for name, schema in TABLES.items():
             path = staging_location(self.out, self.run_id, name).fs_path()
-            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            ensure_parent_dir(self.fs, self.out, path)
             writer = pq.ParquetWriter(
                 path,
                 schema,
@@ -187,6 +189,12 @@ def _move(out: storage.Location, src: storage.Location, dst: storage.Location, e
     os.replace(src.path, dst.path)  # atomic rename within one filesystem
 
 
+def fault_point(name: str) -> None:
+    """Crash-safety tests set FACEBATCH_FAULT_POINT=<name> to SIGKILL the driver exactly here."""
+    if os.environ.get("FACEBATCH_FAULT_POINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _superseded_mask(table: pa.Table, replaced: pa.Table, pruned: pa.Array | None) -> pa.Array:
     """Rows of an older file that a run replaces (same image_id and pipeline version) or prunes."""
     key = pc.binary_join_element_wise(table["image_id"], table["pipeline_version"], "\x1f")
@@ -251,14 +259,22 @@ def publish_run(out: storage.Location, run_id: str, record: dict[str, Any], endp
     """Make a staged run visible (faces, then images), then write its run record. Idempotent."""
     fs = storage.arrow_filesystem(out, endpoint)
     record = dict(record, superseded_rows_removed=remove_superseded(out, run_id, endpoint))
+    fault_point("publish-after-supersede")
     for name in ("faces", "images"):
         staged = staging_location(out, run_id, name)
         if _num_rows(fs, staged) == 0:
             continue  # nothing new (a quiet night): no empty files in the table folders
         _move(out, staged, table_file(out, name, run_id), endpoint)
+        fault_point(f"publish-after-{name}")
     record = dict(record, state="published", published_at=time.time())
     write_json(fs, out.join("_runs", f"{run_id}.json"), record)
     _delete_tree(fs, out.join("_staging", run_id))
+
+
+def ensure_parent_dir(fs: pafs.FileSystem, location: storage.Location, fs_path: str) -> None:
+    """Local folders must exist before writing; on S3 a "folder" would only add a marker object."""
+    if not location.is_s3:
+        fs.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
 
 
 def _num_rows(fs: pafs.FileSystem, location: storage.Location) -> int | None:
@@ -270,7 +286,7 @@ def _num_rows(fs: pafs.FileSystem, location: storage.Location) -> int | None:
 
 def write_json(fs: pafs.FileSystem, location: storage.Location, payload: dict[str, Any]) -> None:
     path = location.fs_path()
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    ensure_parent_dir(fs, location, path)
     data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
     if location.is_s3:
         with fs.open_output_stream(path) as fh:

@@ -1,0 +1,83 @@
+"""`ray start --head` + `ray job submit -- python jobs/index_archive.py ...`, ending with correct tables."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    temp_dir = tmp_path_factory.mktemp("ray")
+    port, dashboard_port = _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    start = subprocess.run(
+        [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+         f"--object-store-memory={300 * 1024 * 1024}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-4000:]
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        # The job server answers a little after `ray start` returns.
+        deadline = time.time() + 60
+        while True:
+            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True, text=True, timeout=60)
+            if probe.returncode == 0 or time.time() > deadline:
+                break
+            time.sleep(2)
+        yield address, env
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_indexes_an_archive(ray_head, tmp_path):
+    from facebatch.demo import build_demo_archive
+
+    address, env = ray_head
+    names = build_demo_archive(tmp_path)
+    out = tmp_path / "tables"
+    submit = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", f"facebatch-test-{os.getpid()}", "--",
+         sys.executable, str(REPO / "jobs" / "index_archive.py"), str(tmp_path / "archive"), "--out", str(out),
+         "--max-side", "1024", "--batch-size", "4"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
+    assert "succeeded" in (submit.stdout + submit.stderr).lower()
+    con = duckdb.connect()
+    rows = dict(con.sql(f"SELECT uri, status FROM read_parquet('{out}/images/*.parquet')").fetchall())
+    assert sorted(rows) == sorted(str(tmp_path / "archive" / n) for n in names)
+    assert rows[str(tmp_path / "archive" / "portraits" / "astronaut.jpg")] == "ok"
+    assert rows[str(tmp_path / "archive" / "broken" / "not_a_photo.jpg")] == "not_image"
+    faces = con.sql(f"SELECT count(*) FROM read_parquet('{out}/faces/*.parquet')").fetchone()[0]
+    assert faces >= 6  # astronaut, 3 in the group scene, the sideways one, the tilted one
+
+    # A bad argument fails the job fast with a message, and `ray job submit` exits non-zero.
+    bad = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--", sys.executable, str(REPO / "jobs" / "index_archive.py"),
+         str(tmp_path / "archive"), "--out", str(out), "--device", "tpu"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode != 0
+    assert "device must be one of" in bad.stdout + bad.stderr

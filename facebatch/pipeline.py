@@ -470,6 +470,7 @@ def run_index(config: IndexConfig, ray_address: str | None = None, object_store_
     tables.fault_point("staged-before-record")
     tables.write_json(fs, out.join("_staging", run_id, "record.json"), record)
     tables.fault_point("staged-after-record")
+    writer.stop_heartbeat()  # publishing deletes the staging folder; no beat may recreate it
     tables.publish_run(out, run_id, record, endpoint)
     plan.cleanup()
     return RunSummary(run_id=run_id, pipeline_version=version, out=config.out, record=record)

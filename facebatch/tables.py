@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +86,57 @@ class StagedTable:
     last_id: str | None = None
 
 
+# A staging folder whose heartbeat is younger than this belongs to a live run: recovery leaves it.
+HEARTBEAT_SECONDS = 30
+STALE_AFTER_SECONDS = 300
+
+
+class Heartbeat:
+    """Touches OUT/_staging/<run_id>/HEARTBEAT every 30 s while a run writes, so that a second
+    run started on the same OUT does not mistake the live run's staging for a crash's leftovers."""
+
+    def __init__(self, fs: pafs.FileSystem, location: storage.Location):
+        import threading
+
+        self.fs, self.path = fs, location.fs_path()
+        self._stop = threading.Event()
+        self._beat()
+        self._thread = threading.Thread(target=self._loop, name="facebatch-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        with self.fs.open_output_stream(self.path) as fh:
+            fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode())
+
+    def _loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                self._beat()
+            except OSError:
+                pass  # a missed beat only matters after STALE_AFTER_SECONDS of them
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _is_live(fs: pafs.FileSystem, out: storage.Location, run_id: str) -> bool:
+    """Is the run that owns this staging folder still running?"""
+    beat = read_json(fs, staging_location(out, run_id, "HEARTBEAT"))
+    if not beat:
+        return False
+    if beat.get("host") == socket.gethostname():
+        # Same machine: the driver's process answers for itself (a SIGKILLed driver is dead at once).
+        try:
+            os.kill(int(beat["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return beat["pid"] != os.getpid()
+    return time.time() - float(beat.get("time", 0)) < STALE_AFTER_SECONDS
+
+
 @dataclass
 class RunWriter:
     """Streams a run's rows into one staged Parquet file per table, sorted by image_id.
@@ -121,6 +173,7 @@ class RunWriter:
             self.staged[name] = StagedTable(name, path, writer)
             self._buffers[name] = []
             self._buffered_rows[name] = 0
+        self._heartbeat = Heartbeat(self.fs, staging_location(self.out, self.run_id, "HEARTBEAT"))
 
     def write(self, name: str, table: pa.Table) -> None:
         if table.num_rows == 0:
@@ -146,6 +199,9 @@ class RunWriter:
         self._buffers[name] = []
         self._buffered_rows[name] = 0
 
+    def stop_heartbeat(self) -> None:
+        self._heartbeat.stop()
+
     def close(self) -> dict[str, int]:
         for name in self.staged:
             self._flush(name)
@@ -159,7 +215,7 @@ class RunWriter:
 
 
 def staging_location(out: storage.Location, run_id: str, name: str) -> storage.Location:
-    filename = name if name == "READY" else f"{name}.parquet"
+    filename = name if name in ("READY", "HEARTBEAT") else f"{name}.parquet"
     return out.join("_staging", run_id, filename)
 
 
@@ -338,6 +394,9 @@ def recover_staging(out: storage.Location, endpoint: str | None = None) -> list[
             if not finished:
                 _delete_tree(fs, out.join("_staging", run_id))
             actions.append({"run_id": run_id, "action": "finished compaction" if finished else "discarded compaction"})
+            continue
+        if _is_live(fs, out, run_id):
+            actions.append({"run_id": run_id, "action": "left alone: another run is writing it"})
             continue
         ready = read_json(fs, staging_location(out, run_id, "READY"))
         staged_record = read_json(fs, out.join("_staging", run_id, "record.json"))

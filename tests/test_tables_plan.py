@@ -282,3 +282,28 @@ def test_interrupted_compaction_is_finished_by_the_next_run(tmp_path):
     assert [p.rsplit("/", 1)[1] for p in tables.list_table_files(location, "faces")] == ["compact-x-00000.parquet"]
     assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/faces/*.parquet')").fetchone()[0] == 3
     assert not finish_compaction(location, "compact-x")
+
+
+def test_recovery_leaves_a_live_run_alone(tmp_path):
+    import json
+    import socket
+    import subprocess
+
+    location = storage.parse_location(str(tmp_path / "out"))
+    staging = tmp_path / "out" / "_staging" / "run-live"
+    staging.mkdir(parents=True)
+    (staging / "images.parquet").write_bytes(b"partial")
+    other_driver = subprocess.Popen(["sleep", "60"])
+    try:
+        (staging / "HEARTBEAT").write_text(json.dumps({"host": socket.gethostname(), "pid": other_driver.pid, "time": 0}))
+        assert tables.recover_staging(location) == [{"run_id": "run-live", "action": "left alone: another run is writing it"}]
+        assert (staging / "images.parquet").exists()
+        # On another machine, only the heartbeat's age tells: a fresh one is live, an old one is not.
+        (staging / "HEARTBEAT").write_text(json.dumps({"host": "elsewhere", "pid": 1, "time": __import__("time").time()}))
+        assert tables.recover_staging(location)[0]["action"].startswith("left alone")
+    finally:
+        other_driver.kill()
+        other_driver.wait()
+    (staging / "HEARTBEAT").write_text(json.dumps({"host": socket.gethostname(), "pid": other_driver.pid, "time": 0}))
+    assert tables.recover_staging(location) == [{"run_id": "run-live", "action": "discarded"}]
+    assert not staging.exists()

@@ -1,0 +1,117 @@
+"""SIGKILL the driver at several points, rerun, and compare with an uninterrupted run.
+
+Also: a killed inference actor and a killed read task neither fail the run nor lose rows.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+CRASH_POINTS = ["write-after-first-batch", "staged-before-record", "staged-after-record", "publish-after-faces"]
+
+
+def index(source: Path, out: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "facebatch.cli", "index", str(source), "--out", str(out), "--max-side", "1024",
+         "--batch-size", "2", "--object-store-memory", str(200 * 1024 * 1024)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+
+
+def visible(out: Path) -> tuple[list, list]:
+    """What a reader globbing OUT/<table>/*.parquet sees right now."""
+    con = duckdb.connect()
+    result = []
+    for name, cols in (("images", "image_id, etag, status, num_faces, width, height"),
+                       ("faces", "image_id, face_index, round(box[1], 1), round(box[2], 1), round(score, 4)")):
+        files = list((out / name).glob("*.parquet")) if (out / name).is_dir() else []
+        if not files:
+            result.append([])
+            continue
+        result.append(con.sql(f"SELECT {cols} FROM read_parquet('{out}/{name}/*.parquet') ORDER BY ALL").fetchall())
+    return result[0], result[1]
+
+
+@pytest.fixture(scope="module")
+def archive_and_baseline(tmp_path_factory):
+    from facebatch.demo import build_demo_archive
+
+    root = tmp_path_factory.mktemp("crash")
+    build_demo_archive(root)
+    baseline = root / "baseline"
+    run = index(root / "archive", baseline)
+    assert run.returncode == 0, run.stderr[-4000:]
+    images, faces = visible(baseline)
+    assert len(images) == 9 and len(faces) >= 6
+    return root / "archive", images, faces
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_driver_killed_then_rerun_matches_uninterrupted_run(archive_and_baseline, tmp_path, point):
+    source, images, faces = archive_and_baseline
+    out = tmp_path / "out"
+    crashed = index(source, out, {"FACEBATCH_FAULT_POINT": point})
+    assert crashed.returncode == -9, (crashed.returncode, crashed.stderr[-3000:])
+    seen_images, seen_faces = visible(out)
+    # Never a partial run: each table shows nothing of it or all of it.
+    assert seen_images in ([], images)
+    assert seen_faces in ([], faces)
+    rerun = index(source, out)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert visible(out) == (images, faces)
+    assert not any((out / "_staging").iterdir()) if (out / "_staging").exists() else True
+    # Exactly one published run record per published run; a rerun after a complete crash is quiet.
+    again = index(source, out)
+    assert again.returncode == 0 and "processed 0 images" in again.stdout
+    assert visible(out) == (images, faces)
+
+
+def test_killed_actor_and_read_task_lose_nothing(archive_and_baseline, tmp_path):
+    source, images, faces = archive_and_baseline
+    actor_marker, task_marker = tmp_path / "actor-killed", tmp_path / "task-killed"
+    run = index(source, tmp_path / "out", {"FACEBATCH_FAULT_KILL_ACTOR_ONCE": str(actor_marker),
+                                           "FACEBATCH_FAULT_KILL_READ_TASK_ONCE": str(task_marker)})
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert actor_marker.exists() and task_marker.exists()  # the faults really happened
+    assert visible(tmp_path / "out") == (images, faces)
+
+
+@pytest.mark.parametrize("point", ["publish-after-supersede", "publish-after-faces"])
+def test_crash_while_publishing_a_changed_object(archive_and_baseline, tmp_path, point):
+    """A nightly rerun replaces a changed photo's rows; a crash mid-publish never shows two versions."""
+    import shutil
+
+    source, images, faces = archive_and_baseline
+    archive = tmp_path / "archive"
+    shutil.copytree(source, archive)
+    first = index(archive, tmp_path / "out")
+    assert first.returncode == 0, first.stderr[-3000:]
+    # The coffee photo is replaced by a portrait: new bytes, new etag, now with a face.
+    changed = archive / "scenery" / "coffee.jpg"
+    changed.write_bytes((archive / "portraits" / "astronaut.jpg").read_bytes())
+    shutil.copytree(tmp_path / "out", tmp_path / "expected")
+    expected_run = index(archive, tmp_path / "expected")
+    assert expected_run.returncode == 0 and "changed 1" in expected_run.stdout, expected_run.stdout
+    expected = visible(tmp_path / "expected")
+
+    crashed = index(archive, tmp_path / "out", {"FACEBATCH_FAULT_POINT": point})
+    assert crashed.returncode == -9
+    seen_images, seen_faces = visible(tmp_path / "out")
+    ids = [r[0] for r in seen_images]
+    assert len(ids) == len(set(ids))  # never two versions of one image
+    assert len({(r[0], r[1]) for r in seen_faces}) == len(seen_faces)
+    rerun = index(archive, tmp_path / "out")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert visible(tmp_path / "out") == expected
+    assert any(r[0] == str(changed) for r in expected[1])  # the new version's face is there

@@ -45,7 +45,7 @@ __all__ = ["COSINE_THRESHOLD", "EMBEDDING_DIM", "FaceEmbedder", "resolve_device"
 
 EMBEDDING_DIM = 128
 # Calibrated on the shared verification pairs; see the module docstring and bench/eval_pairs.py.
-COSINE_THRESHOLD = 0.925
+COSINE_THRESHOLD = 0.93
 
 _AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 

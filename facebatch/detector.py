@@ -1,0 +1,1050 @@
+"""Batched MTCNN face detector (P-Net -> R-Net -> O-Net) in plain torch.
+
+The algorithm follows facenet-pytorch 2.5.3's ``detect_face`` step by step, because the
+project's reference outputs (``data/reference/mtcnn_facenet_pytorch.json``) come from it:
+
+* pyramid scales ``12/min_face * factor**k`` while the short side stays >= 12 px, each level
+  resized from the original with "area" interpolation (adaptive average pooling) to
+  ``(int(h*s+1), int(w*s+1))`` and normalised as ``(x - 127.5) * 0.0078125``;
+* P-Net candidates with ``prob >= t0``, NMS 0.5 per image and level, NMS 0.7 per image,
+  box regression, squaring (``rerec``);
+* crops cut with facenet's ``pad`` (the box is truncated to int and clamped to the image,
+  so a box that leaves the image is squeezed, not zero-padded) and area-resized to 24x24;
+  R-Net ``score > t1``, NMS 0.7 per image, regression, squaring;
+* the same for O-Net at 48x48, ``score > t2``, landmarks from the pre-regression box,
+  regression, NMS 0.7 per image with the intersection-over-minimum criterion.
+
+What is different is the batching (the reference only batches equal-size images and cuts
+every crop in a Python loop):
+
+* Every pyramid level of every image of the batch is packed into a few large "canvases"
+  (shelf packing, even offsets so the P-Net stride-2 grid lines up). P-Net runs once per
+  canvas, i.e. once for the whole batch unless the canvas memory budget splits it. Outputs
+  whose 12x12 window is not fully inside one level image are masked out; the ceil-mode
+  pooling window that hangs over an odd-sized level is reproduced exactly (see
+  ``_PNetRunner``), so the packed result equals the per-image result.
+* All pixel sampling (pyramid levels and the R-Net/O-Net crops) reads one integral image
+  per input, so area averages are exact integer sums divided by counts, the same numbers
+  ``F.interpolate(mode="area")`` produces, and every crop of every image is cut by one
+  gather.
+* R-Net and O-Net each run once over the candidates of all images; NMS is a vectorised
+  greedy NMS over candidate pairs, per image (or per image and level).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "Detections",
+    "MTCNNDetector",
+    "PNet",
+    "RNet",
+    "ONet",
+    "load_mtcnn_weights",
+    "mtcnn_weight_paths",
+]
+
+#: Default cap on pixels per image. Larger images are downscaled (area interpolation) to
+#: this many pixels before detection and the results are mapped back to original pixels.
+#: 16 MP keeps every photo of a common camera (and every image of the test corpus, the
+#: largest being 12.6 MP) at full resolution, while a 100+ MP scan or a decompression bomb
+#: cannot exhaust memory. ``None`` disables the cap.
+DEFAULT_MAX_PIXELS = 16_000_000
+
+_NORM_MEAN = 127.5
+_NORM_SCALE = 0.0078125
+_PNET_CELL = 12
+_PNET_STRIDE = 2
+
+
+# --------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Detections:
+    """Faces found in one image, sorted by score (descending).
+
+    boxes: (N, 4) float32 x1, y1, x2, y2 in the image's pixels; scores: (N,) float32;
+    landmarks: (N, 5, 2) float32 x, y of left eye, right eye, nose, left and right mouth corner.
+    """
+
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+    landmarks: np.ndarray = field(default_factory=lambda: np.zeros((0, 5, 2), np.float32))
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+# --------------------------------------------------------------------------------------
+# Networks (facenet-pytorch layout, weights from the `mtcnn` PyPI package)
+# --------------------------------------------------------------------------------------
+
+
+class PNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 10, kernel_size=3)
+        self.prelu1 = nn.PReLU(10)
+        self.pool1 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(10, 16, kernel_size=3)
+        self.prelu2 = nn.PReLU(16)
+        self.conv3 = nn.Conv2d(16, 32, kernel_size=3)
+        self.prelu3 = nn.PReLU(32)
+        self.conv4_1 = nn.Conv2d(32, 2, kernel_size=1)
+        self.conv4_2 = nn.Conv2d(32, 4, kernel_size=1)
+
+    def forward(self, x):
+        """Returns (box regression (N,4,h,w), face probability softmax (N,2,h,w))."""
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
+        return self.conv4_2(x), torch.softmax(self.conv4_1(x), dim=1)
+
+
+class RNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 28, kernel_size=3)
+        self.prelu1 = nn.PReLU(28)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(28, 48, kernel_size=3)
+        self.prelu2 = nn.PReLU(48)
+        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3 = nn.Conv2d(48, 64, kernel_size=2)
+        self.prelu3 = nn.PReLU(64)
+        self.dense4 = nn.Linear(576, 128)
+        self.prelu4 = nn.PReLU(128)
+        self.dense5_1 = nn.Linear(128, 2)
+        self.dense5_2 = nn.Linear(128, 4)
+
+    def forward(self, x):
+        """x (N,3,24,24) normalised -> (box regression (N,4), softmax (N,2))."""
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.prelu3(self.conv3(x))
+        # The original Caffe nets were trained on transposed images: flatten as (N, W, H, C).
+        x = x.permute(0, 3, 2, 1).reshape(x.shape[0], -1)
+        x = self.prelu4(self.dense4(x))
+        return self.dense5_2(x), torch.softmax(self.dense5_1(x), dim=1)
+
+
+class ONet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, kernel_size=3)
+        self.prelu1 = nn.PReLU(32)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3)
+        self.prelu2 = nn.PReLU(64)
+        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3 = nn.Conv2d(64, 64, kernel_size=3)
+        self.prelu3 = nn.PReLU(64)
+        self.pool3 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.conv4 = nn.Conv2d(64, 128, kernel_size=2)
+        self.prelu4 = nn.PReLU(128)
+        self.dense5 = nn.Linear(1152, 256)
+        self.prelu5 = nn.PReLU(256)
+        self.dense6_1 = nn.Linear(256, 2)
+        self.dense6_2 = nn.Linear(256, 4)
+        self.dense6_3 = nn.Linear(256, 10)
+
+    def forward(self, x):
+        """x (N,3,48,48) -> (box regression (N,4), landmarks (N,10: 5 x then 5 y), softmax (N,2))."""
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.pool3(self.prelu3(self.conv3(x)))
+        x = self.prelu4(self.conv4(x))
+        x = x.permute(0, 3, 2, 1).reshape(x.shape[0], -1)
+        x = self.prelu5(self.dense5(x))
+        return self.dense6_2(x), self.dense6_3(x), torch.softmax(self.dense6_1(x), dim=1)
+
+
+# Parameter names in the order of the arrays in mtcnn's .lz4 lists. The `mtcnn` package puts
+# the box-regression head before the face classifier (facenet-pytorch orders them the other
+# way round), hence e.g. conv4_2 before conv4_1.
+_ARRAY_ORDER = {
+    "pnet": [
+        "conv1.weight", "conv1.bias", "prelu1.weight",
+        "conv2.weight", "conv2.bias", "prelu2.weight",
+        "conv3.weight", "conv3.bias", "prelu3.weight",
+        "conv4_2.weight", "conv4_2.bias",
+        "conv4_1.weight", "conv4_1.bias",
+    ],
+    "rnet": [
+        "conv1.weight", "conv1.bias", "prelu1.weight",
+        "conv2.weight", "conv2.bias", "prelu2.weight",
+        "conv3.weight", "conv3.bias", "prelu3.weight",
+        "dense4.weight", "dense4.bias", "prelu4.weight",
+        "dense5_2.weight", "dense5_2.bias",
+        "dense5_1.weight", "dense5_1.bias",
+    ],
+    "onet": [
+        "conv1.weight", "conv1.bias", "prelu1.weight",
+        "conv2.weight", "conv2.bias", "prelu2.weight",
+        "conv3.weight", "conv3.bias", "prelu3.weight",
+        "conv4.weight", "conv4.bias", "prelu4.weight",
+        "dense5.weight", "dense5.bias", "prelu5.weight",
+        "dense6_2.weight", "dense6_2.bias",
+        "dense6_3.weight", "dense6_3.bias",
+        "dense6_1.weight", "dense6_1.bias",
+    ],
+}
+_NET_CLASSES = {"pnet": PNet, "rnet": RNet, "onet": ONet}
+
+
+def mtcnn_weight_paths() -> dict[str, Path]:
+    """Paths of mtcnn/assets/weights/{pnet,rnet,onet}.lz4, found without importing `mtcnn`
+    (its __init__ may import TensorFlow)."""
+    spec = importlib.util.find_spec("mtcnn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "the `mtcnn` package (pip install mtcnn) is needed for the detector weights"
+        )
+    weights_dir = Path(list(spec.submodule_search_locations)[0]) / "assets" / "weights"
+    paths = {name: weights_dir / f"{name}.lz4" for name in _ARRAY_ORDER}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"MTCNN weight files missing from the mtcnn package: {missing}")
+    return paths
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _keras_to_torch(array: np.ndarray, param_name: str) -> torch.Tensor:
+    """One Keras-layout array -> the torch layout of `param_name`."""
+    if array.ndim == 4:  # conv kernel (kh, kw, in, out) -> (out, in, kh, kw)
+        array = array.transpose(3, 2, 0, 1)
+    elif array.ndim == 3:  # PReLU slopes (1, 1, C) -> (C,)
+        array = array.reshape(-1)
+    elif array.ndim == 2:  # dense (in, out) -> (out, in)
+        array = array.T
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def load_mtcnn_weights(paths: dict[str, Path] | None = None) -> dict[str, nn.Module]:
+    """Build P-, R- and O-Net (eval mode, CPU, float32) from the `mtcnn` package's arrays.
+
+    Reading and converting takes a few milliseconds, so nothing is cached on disk.
+    """
+    import joblib  # lz4-compressed joblib pickles; imported lazily, only needed here
+
+    paths = paths or mtcnn_weight_paths()
+    nets = {}
+    for name, order in _ARRAY_ORDER.items():
+        arrays = joblib.load(paths[name])
+        if len(arrays) != len(order):
+            raise ValueError(f"{paths[name]}: expected {len(order)} arrays, got {len(arrays)}")
+        net = _NET_CLASSES[name]()
+        params = dict(net.named_parameters())
+        state = {}
+        for array, param_name in zip(arrays, order):
+            tensor = _keras_to_torch(np.asarray(array), param_name)
+            if tensor.shape != params[param_name].shape:
+                raise ValueError(
+                    f"{paths[name]}: {param_name} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(params[param_name].shape)}"
+                )
+            state[param_name] = tensor
+        net.load_state_dict(state)
+        nets[name] = net.eval().requires_grad_(False)
+    return nets
+
+
+# --------------------------------------------------------------------------------------
+# Input handling
+# --------------------------------------------------------------------------------------
+
+
+def _as_rgb_uint8(image, index: int) -> np.ndarray:
+    """HxWx3 uint8 view/copy of one input image.
+
+    Accepted: HxWx3 uint8 RGB; HxW or HxWx1 uint8 grayscale (replicated to 3 channels, as
+    Pillow's convert('RGB') does); HxWx4 uint8 RGBA (alpha dropped, as convert('RGB') does).
+    Anything else raises TypeError (not a uint8 numpy array) or ValueError (shape).
+    """
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image {index}: expected a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise TypeError(
+            f"image {index}: expected dtype uint8 (0-255 RGB), got {image.dtype}; "
+            "convert e.g. with np.clip(x, 0, 255).astype(np.uint8)"
+        )
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3:
+        raise ValueError(f"image {index}: expected HxWx3 (or HxW, HxWx1, HxWx4), got shape {image.shape}")
+    channels = image.shape[2]
+    if channels == 1:
+        image = np.repeat(image, 3, axis=2)
+    elif channels == 4:
+        image = image[:, :, :3]
+    elif channels != 3:
+        raise ValueError(f"image {index}: expected 1, 3 or 4 channels, got shape {image.shape}")
+    return np.ascontiguousarray(image)
+
+
+# --------------------------------------------------------------------------------------
+# Integral images: exact area averages for pyramid levels and crops
+# --------------------------------------------------------------------------------------
+
+
+class _IntegralImages:
+    """Integral images of a batch, one flat int32 tensor.
+
+    ``cv2.integral`` accumulates in int32 and wraps around past 2**31; a rectangle sum is a
+    difference of entries and wraps back, so it is exact as long as the rectangle's true sum
+    is below 2**31 (any rectangle under 8.4 million pixels, far more than any pyramid bin or
+    crop bin). The differences are therefore computed in int32 on purpose.
+
+    Area averages are ``sum / rows / cols`` in float32, bit-identical to
+    ``F.interpolate(mode="area")`` (adaptive average pooling) on the float image.
+    """
+
+    def __init__(self, images: list[np.ndarray], device: torch.device, workspace: "_Workspace"):
+        import cv2
+
+        sizes = [(im.shape[0] + 1) * (im.shape[1] + 1) * 3 for im in images]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.row_strides = np.array([(im.shape[1] + 1) * 3 for im in images], np.int64)
+        self.shapes = [im.shape[:2] for im in images]
+        # Reused between calls: a fresh buffer of this size costs page faults every batch.
+        flat = workspace.get("integral", int(sum(sizes)), torch.int32, torch.device("cpu"))
+        flat_np = flat.numpy()
+        for im, offset, size in zip(images, self.offsets, sizes):
+            h, w = im.shape[:2]
+            cv2.integral(im, sum=flat_np[offset : offset + size].reshape(h + 1, w + 1, 3), sdepth=cv2.CV_32S)
+        self.flat = flat if device.type == "cpu" else flat.to(device)
+        self.device = device
+
+    def image_view(self, i: int) -> torch.Tensor:
+        h, w = self.shapes[i]
+        off = int(self.offsets[i])
+        return self.flat[off : off + (h + 1) * (w + 1) * 3].view(h + 1, w + 1, 3)
+
+    def sample_grid(self, i: int, rs, re, cs, ce, out: torch.Tensor, chunk_elems: int) -> None:
+        """Area means of image i over the bins rows [rs, re) x cols [cs, ce) (1-D int64
+        tensors), normalised like facenet-pytorch, written into out (len(rs), len(cs), 3).
+
+        Separable: gather the integral's rows (contiguous copies), difference, then gather
+        the columns; chunked over rows so every temporary stays small and cache-friendly.
+        """
+        S = self.image_view(i)
+        c_lo = int(cs[0])
+        c_hi = int(ce[-1]) + 1
+        S = S[:, c_lo:c_hi]
+        cols = torch.cat([cs, ce]) - c_lo
+        kw = (ce - cs).to(torch.float32)[None, :, None]
+        kh_all = (re - rs).to(torch.float32)
+        n_rows, n_cols = rs.shape[0], cs.shape[0]
+        step = max(1, chunk_elems // ((c_hi - c_lo) * 3))
+        for r0 in range(0, n_rows, step):
+            r1 = min(n_rows, r0 + step)
+            rows = S.index_select(0, re[r0:r1])
+            rows -= S.index_select(0, rs[r0:r1])
+            corners = rows.index_select(1, cols).view(r1 - r0, 2, n_cols, 3)
+            total = (corners[:, 1] - corners[:, 0]).to(torch.float32)
+            mean = total / kh_all[r0:r1, None, None] / kw
+            torch.mul(mean - _NORM_MEAN, _NORM_SCALE, out=out[r0:r1])
+
+    def sample_boxes(self, image_ids, rs, re, cs, ce) -> torch.Tensor:
+        """Area means over per-item bins: rs/re (N, R), cs/ce (N, C) int64 -> (N, R, C, 3)
+        float32, normalised. One gather for all items (used for the R-/O-Net crops)."""
+        dev = self.device
+        stride = torch.as_tensor(self.row_strides, device=dev)[image_ids][:, None]
+        base = torch.as_tensor(self.offsets, device=dev)[image_ids][:, None, None, None]
+        ch = torch.arange(3, device=dev)
+        r0 = (rs * stride)[:, :, None, None] + base
+        r1 = (re * stride)[:, :, None, None] + base
+        c0 = (cs * 3)[:, None, :, None] + ch
+        c1 = (ce * 3)[:, None, :, None] + ch
+        flat = self.flat
+        total = (flat[r1 + c1] - flat[r0 + c1] - flat[r1 + c0] + flat[r0 + c0]).to(torch.float32)
+        kh = (re - rs).to(torch.float32)[:, :, None, None]
+        kw = (ce - cs).to(torch.float32)[:, None, :, None]
+        return (total / kh / kw - _NORM_MEAN) * _NORM_SCALE
+
+
+def _bins(start, length, n_out: int, device):
+    """Adaptive-average-pool bins of `length` pixels starting at `start`, into `n_out` cells:
+    [floor(i*L/n), ceil((i+1)*L/n)) as torch computes them. start, length: (N,) int64."""
+    i = torch.arange(n_out, device=device, dtype=torch.int64)
+    lo = (i[None, :] * length[:, None]) // n_out
+    hi = ((i[None, :] + 1) * length[:, None] + n_out - 1) // n_out
+    return start[:, None] + lo, start[:, None] + hi
+
+
+class _Workspace:
+    """Grow-only buffers reused across detect() calls (avoids page faults on big batches)."""
+
+    def __init__(self):
+        self._buffers: dict = {}
+
+    def get(self, name: str, numel: int, dtype, device) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf[:numel]
+
+
+# --------------------------------------------------------------------------------------
+# NMS
+# --------------------------------------------------------------------------------------
+
+
+def _greedy_from_edges(n: int, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Greedy NMS outcome from suppression edges src -> dst (src ranks before dst).
+
+    keep[j] = not any(keep[i] for edges i -> j). Iterating from all-True converges to the
+    unique solution, which is the greedy one, in (longest chain + 1) rounds of one scatter.
+    """
+    keep = torch.ones(n, dtype=torch.bool, device=src.device)
+    if src.numel() == 0:
+        return keep
+    while True:
+        suppressed = torch.zeros(n, dtype=torch.bool, device=src.device)
+        suppressed[dst[keep[src]]] = True
+        new_keep = ~suppressed
+        if torch.equal(new_keep, keep):
+            return keep
+        keep = new_keep
+
+
+def _overlap(a, b, mode: str):
+    """IoU as torchvision computes it (mode "union"), or facenet-pytorch's nms_numpy 'Min'
+    (intersection over the smaller area, with its +1 pixel convention)."""
+    extra = 1.0 if mode == "min" else 0.0
+    iw = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0]) + extra).clamp_(min=0)
+    ih = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1]) + extra).clamp_(min=0)
+    inter = iw * ih
+    area_a = (a[:, 2] - a[:, 0] + extra) * (a[:, 3] - a[:, 1] + extra)
+    area_b = (b[:, 2] - b[:, 0] + extra) * (b[:, 3] - b[:, 1] + extra)
+    if mode == "min":
+        return inter / torch.minimum(area_a, area_b)
+    return inter / (area_a + area_b - inter)
+
+
+_MAX_PAIRS_PER_CHUNK = 4_000_000
+
+
+def _batched_nms(
+    boxes, scores, groups, threshold: float, mode: str = "union", ties_last_first: bool = False
+) -> torch.Tensor:
+    """Greedy NMS independently within each group; returns the kept indices, sorted by
+    group, then by priority.
+
+    Every same-group pair is compared (vectorised, chunked); the greedy pass is
+    `_greedy_from_edges`. Equal scores rank in input order, as torchvision's stable sort
+    does; with ties_last_first the later one ranks first, as facenet-pytorch's nms_numpy
+    (np.argsort ascending, then taking from the end) does. Ties matter: O-Net scores often
+    saturate to exactly 1.0 for faces cut by the image border.
+    """
+    device = boxes.device
+    n = boxes.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    if ties_last_first:
+        reverse = torch.arange(n - 1, -1, -1, device=device)
+        order = reverse[torch.argsort(scores[reverse], descending=True, stable=True)]
+    else:
+        order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(groups[order], stable=True)]
+    sorted_boxes = boxes[order].float()
+    _, counts = torch.unique_consecutive(groups[order], return_counts=True)
+    group_end = torch.repeat_interleave(torch.cumsum(counts, 0), counts)
+    position = torch.arange(n, device=device)
+    partners = group_end - position - 1  # later members of the same group
+    cum = torch.cumsum(partners, 0)
+    cum_host = cum.cpu().numpy()
+    src_list, dst_list = [], []
+    start = 0
+    while start < n:
+        base = int(cum_host[start - 1]) if start else 0
+        end = int(np.searchsorted(cum_host, base + _MAX_PAIRS_PER_CHUNK, side="right"))
+        end = min(max(end, start + 1), n)
+        counts_chunk = partners[start:end]
+        pairs = int(cum_host[end - 1]) - base
+        if pairs:
+            first = torch.repeat_interleave(position[start:end], counts_chunk, output_size=pairs)
+            chunk_start = torch.cumsum(counts_chunk, 0) - counts_chunk
+            second = first + 1 + torch.arange(pairs, device=device) - torch.repeat_interleave(
+                chunk_start, counts_chunk, output_size=pairs
+            )
+            hit = _overlap(sorted_boxes[first], sorted_boxes[second], mode) > threshold
+            src_list.append(first[hit])
+            dst_list.append(second[hit])
+        start = end
+    if src_list:
+        src, dst = torch.cat(src_list), torch.cat(dst_list)
+    else:
+        src = dst = torch.zeros(0, dtype=torch.long, device=device)
+    return order[_greedy_from_edges(n, src, dst)]
+
+
+# --------------------------------------------------------------------------------------
+# P-Net over packed canvases
+# --------------------------------------------------------------------------------------
+
+
+class _FastPNet(nn.Module):
+    """P-Net with its first conv + PReLU + 2x2 ceil max-pool fused, same results.
+
+    conv1 is evaluated at the four positions of each pooling window at once, as one stride-2
+    4x4 conv with 40 output channels (group g = 2*dy + dx). The max over the window of
+    prelu(x) is max(prelu(hi), prelu(lo)) of the window's max and min (prelu is monotone for
+    slopes >= 0 and convex for slopes < 0). This avoids materialising and pooling the
+    full-resolution 10-channel conv1 output.
+    """
+
+    def __init__(self, pnet: PNet):
+        super().__init__()
+        w1, b1 = pnet.conv1.weight.detach(), pnet.conv1.bias.detach()
+        fused = torch.zeros(4, 10, 3, 4, 4, dtype=w1.dtype, device=w1.device)
+        for dy in range(2):
+            for dx in range(2):
+                fused[2 * dy + dx, :, :, dy : dy + 3, dx : dx + 3] = w1
+        self.register_buffer("w1", fused.reshape(40, 3, 4, 4))
+        self.register_buffer("b1", b1.repeat(4))
+        self.register_buffer("a1", pnet.prelu1.weight.detach().clone())
+        self.register_buffer("w2", pnet.conv2.weight.detach().clone())
+        self.register_buffer("b2", pnet.conv2.bias.detach().clone())
+        self.register_buffer("a2", pnet.prelu2.weight.detach().clone())
+        self.register_buffer("w3", pnet.conv3.weight.detach().clone())
+        self.register_buffer("b3", pnet.conv3.bias.detach().clone())
+        self.register_buffer("a3", pnet.prelu3.weight.detach().clone())
+        # Both heads in one 1x1 conv: channels 0-1 face logits, 2-5 box regression.
+        self.register_buffer("wh", torch.cat([pnet.conv4_1.weight, pnet.conv4_2.weight]).detach())
+        self.register_buffer("bh", torch.cat([pnet.conv4_1.bias, pnet.conv4_2.bias]).detach())
+
+    def forward(self, x, fix_rows=None, fix_cols=None):
+        """x: (K, 3, H, W) normalised canvases (H, W even). fix_rows / fix_cols: flat indices
+        of pooled positions whose window hangs one conv1 row / column over the bottom / right
+        edge of an odd-sized level; there the missing row (column) is replaced by its
+        neighbour so the max equals the reference's partial ceil-mode window.
+
+        Returns face probability (K, h, w) and box regression (K, 4, h, w)."""
+        o = F.conv2d(x, self.w1, self.b1, stride=2)
+        k, _, hp, wp = o.shape
+        g = o.permute(0, 2, 3, 1).reshape(k * hp * wp, 4, 10)
+        if fix_rows is not None and fix_rows.numel():
+            g[fix_rows, 2:4] = g[fix_rows, 0:2]
+        if fix_cols is not None and fix_cols.numel():
+            g[fix_cols, 1] = g[fix_cols, 0]
+            g[fix_cols, 3] = g[fix_cols, 2]
+        hi = torch.maximum(torch.maximum(g[:, 0], g[:, 1]), torch.maximum(g[:, 2], g[:, 3]))
+        lo = torch.minimum(torch.minimum(g[:, 0], g[:, 1]), torch.minimum(g[:, 2], g[:, 3]))
+        pooled = torch.maximum(F.prelu(hi, self.a1), F.prelu(lo, self.a1))
+        y = pooled.view(k, hp, wp, 10).permute(0, 3, 1, 2)  # channels-last memory
+        y = F.prelu(F.conv2d(y, self.w2, self.b2), self.a2)
+        y = F.prelu(F.conv2d(y, self.w3, self.b3), self.a3)
+        head = F.conv2d(y, self.wh, self.bh)
+        prob = torch.softmax(head[:, 0:2], dim=1)[:, 1]
+        return prob, head[:, 2:6]
+
+
+@dataclass
+class _Pieces:
+    """Pieces of pyramid levels placed on canvases (arrays indexed by piece)."""
+
+    level: np.ndarray  # level id
+    in_row: np.ndarray  # first level row / column of the piece (even)
+    in_col: np.ndarray
+    height: np.ndarray  # piece size in level pixels
+    width: np.ndarray
+    out_rows: np.ndarray  # P-Net outputs the piece is responsible for
+    out_cols: np.ndarray
+    canvas: np.ndarray = None
+    y: np.ndarray = None  # position on the canvas (even)
+    x: np.ndarray = None
+
+
+def _pnet_outputs(n: np.ndarray) -> np.ndarray:
+    """P-Net output count along a side of n pixels: ceil((n - 2) / 2) - 4."""
+    return (n - 1) // 2 - 4
+
+
+def _tile_levels(level_h: np.ndarray, level_w: np.ndarray, max_h: int, max_w: int) -> _Pieces:
+    """Split levels larger than a canvas into overlapping pieces. A piece owns a block of
+    P-Net outputs and holds exactly the pixels they see (10 px of overlap between pieces); a
+    piece that ends at an odd level edge keeps the level's last row/column for the partial
+    ceil-mode pool window."""
+    cols = {k: [] for k in ("level", "in_row", "in_col", "height", "width", "out_rows", "out_cols")}
+    per_row = (max_h - 11) // 2
+    per_col = (max_w - 11) // 2
+    out_h, out_w = _pnet_outputs(level_h), _pnet_outputs(level_w)
+    for lvl in range(len(level_h)):
+        h, w, oh, ow = int(level_h[lvl]), int(level_w[lvl]), int(out_h[lvl]), int(out_w[lvl])
+        for i0 in range(0, oh, per_row):
+            n_r = min(per_row, oh - i0)
+            r_end = h if i0 + n_r == oh else 2 * (i0 + n_r) + 10
+            for j0 in range(0, ow, per_col):
+                n_c = min(per_col, ow - j0)
+                c_end = w if j0 + n_c == ow else 2 * (j0 + n_c) + 10
+                cols["level"].append(lvl)
+                cols["in_row"].append(2 * i0)
+                cols["in_col"].append(2 * j0)
+                cols["height"].append(r_end - 2 * i0)
+                cols["width"].append(c_end - 2 * j0)
+                cols["out_rows"].append(n_r)
+                cols["out_cols"].append(n_c)
+    return _Pieces(**{k: np.array(v, np.int64) for k, v in cols.items()})
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def _shelf_pack(pieces: _Pieces, canvas_h: int, canvas_w: int, step: int) -> list[tuple[int, int]]:
+    """Next-fit decreasing-height shelf packing of pieces onto canvases of at most
+    canvas_h x canvas_w; fills pieces.canvas/y/x and returns each canvas's (height, width),
+    rounded up to `step` so that few distinct shapes occur (oneDNN builds kernels per shape)."""
+    n = len(pieces.level)
+    heights = pieces.height + pieces.height % 2
+    widths = pieces.width + pieces.width % 2
+    order = np.argsort(-heights, kind="stable")
+    canvas = np.zeros(n, np.int64)
+    ys = np.zeros(n, np.int64)
+    xs = np.zeros(n, np.int64)
+    shapes: list[list[int]] = []
+    shelf_y = shelf_x = shelf_h = 0
+    current = -1
+    for p in order:
+        h, w = int(heights[p]), int(widths[p])
+        if current < 0 or shelf_x + w > canvas_w:
+            shelf_y, shelf_x = shelf_y + shelf_h, 0
+            shelf_h = h
+            if current < 0 or shelf_y + h > canvas_h:
+                shapes.append([0, 0])
+                current += 1
+                shelf_y = 0
+        canvas[p], ys[p], xs[p] = current, shelf_y, shelf_x
+        shelf_x += w
+        shapes[current][0] = max(shapes[current][0], shelf_y + shelf_h)
+        shapes[current][1] = max(shapes[current][1], shelf_x)
+    pieces.canvas, pieces.y, pieces.x = canvas, ys, xs
+    return [(min(_round_up(h, step), max(canvas_h, h)), min(_round_up(w, step), max(canvas_w, w))) for h, w in shapes]
+
+
+# --------------------------------------------------------------------------------------
+# The detector
+# --------------------------------------------------------------------------------------
+
+
+def _resolve_device(device) -> torch.device:
+    if isinstance(device, torch.device):
+        dev = device
+    elif device is None or device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    return dev
+
+
+def _bucket(n: int) -> int:
+    """Batch size rounded up to a few fixed sizes (oneDNN builds kernels per shape)."""
+    if n <= 32:
+        return 32
+    b = 32
+    while b < n:
+        b = b * 3 // 2 if (b & (b - 1)) == 0 else (b // 3) * 4
+    return b
+
+
+class MTCNNDetector:
+    """Batched MTCNN face detector; see the module docstring for the algorithm.
+
+    ``detect(images)`` takes a list of HxWx3 uint8 RGB numpy arrays of any sizes and returns
+    one :class:`Detections` per image. Grayscale (HxW, HxWx1) and RGBA (HxWx4) uint8 arrays are
+    converted the way Pillow's ``convert('RGB')`` does (gray replicated, alpha dropped); any
+    other dtype raises TypeError, any other shape ValueError. Images too small for one
+    12x12 P-Net window at ``min_face_size`` give empty Detections.
+
+    ``max_pixels`` (default :data:`DEFAULT_MAX_PIXELS` = 16 MP) caps the pixels processed
+    per image: a bigger image is downscaled for detection and the results are mapped back to
+    its own pixels. ``None`` processes every image at full resolution.
+
+    One detector holds reusable buffers: use one per thread.
+    """
+
+    def __init__(
+        self,
+        device="cpu",
+        min_face_size: int = 20,
+        thresholds: Sequence[float] = (0.6, 0.7, 0.7),
+        scale_factor: float = 0.709,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        autocast: bool = False,
+        canvas_size: tuple[int, int] | None = None,
+    ):
+        if not (isinstance(min_face_size, (int, float)) and min_face_size > 0):
+            raise ValueError("min_face_size must be a positive number")
+        if not 0.0 < float(scale_factor) < 1.0:
+            raise ValueError("scale_factor must be in (0, 1)")
+        if len(thresholds) != 3:
+            raise ValueError("thresholds must be three numbers (P-Net, R-Net, O-Net)")
+        if max_pixels is not None and max_pixels < 144:
+            raise ValueError("max_pixels must be at least 144 (12 x 12) or None")
+        self.device = _resolve_device(device)
+        self.min_face_size = min_face_size
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.scale_factor = float(scale_factor)
+        self.max_pixels = None if max_pixels is None else int(max_pixels)
+        # Autocast (fp16) is offered on CUDA only; on CPU fp16/bf16 convs are slower here.
+        self.autocast = bool(autocast) and self.device.type == "cuda"
+        on_gpu = self.device.type == "cuda"
+        # P-Net canvas: on CPU small enough that every temporary stays in the allocator's
+        # reusable range and in cache; on GPU big, and all canvases go in one call.
+        if canvas_size is None:
+            canvas_size = (2048, 2048) if on_gpu else (768, 1024)
+        self.canvas_size = (int(canvas_size[0]), int(canvas_size[1]))
+        if min(self.canvas_size) < 64 or self.canvas_size[0] % 2 or self.canvas_size[1] % 2:
+            raise ValueError("canvas_size must be even and at least 64 x 64")
+        self._canvas_step = 64 if on_gpu else 128
+        self._chunk_elems = (1 << 24) if on_gpu else (1 << 20)
+
+        paths = mtcnn_weight_paths()
+        self.weights_sha256 = {name: _sha256(path) for name, path in paths.items()}
+        nets = load_mtcnn_weights(paths)
+        self.pnet = nets["pnet"].to(self.device)
+        self.rnet = nets["rnet"].to(self.device)
+        self.onet = nets["onet"].to(self.device)
+        self._fast_pnet = _FastPNet(self.pnet).to(self.device)
+        self._workspace = _Workspace()
+        self._lock = threading.Lock()
+
+    # ---- public API --------------------------------------------------------------------
+
+    @property
+    def params(self) -> dict:
+        """Parameters that change results (for the pipeline version)."""
+        return {
+            "detector": "mtcnn",
+            "algorithm": "facenet-pytorch-2.5.3-detect_face",
+            "min_face_size": self.min_face_size,
+            "thresholds": list(self.thresholds),
+            "scale_factor": self.scale_factor,
+            "max_pixels": self.max_pixels,
+            "autocast": self.autocast,
+            "weights_sha256": dict(self.weights_sha256),
+        }
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        """Detect faces in a batch of images (see the class docstring for accepted input)."""
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        if not isinstance(images, (list, tuple)):
+            raise TypeError("detect() takes a list of HxWx3 uint8 numpy arrays")
+        if len(images) == 0:
+            return []
+        arrays = [_as_rgb_uint8(im, i) for i, im in enumerate(images)]
+        back_scale = np.ones((len(arrays), 2), np.float64)
+        if self.max_pixels is not None:
+            import cv2
+
+            for i, im in enumerate(arrays):
+                h, w = im.shape[:2]
+                if h * w > self.max_pixels:
+                    f = math.sqrt(self.max_pixels / (h * w))
+                    nh, nw = max(1, int(h * f)), max(1, int(w * f))
+                    arrays[i] = cv2.resize(im, (nw, nh), interpolation=cv2.INTER_AREA)
+                    back_scale[i] = (w / nw, h / nh)
+        with self._lock, torch.inference_mode():
+            boxes, scores, points, image_ids = self._cascade(arrays)
+        return _split(boxes, scores, points, image_ids, len(arrays), back_scale)
+
+    # ---- cascade -----------------------------------------------------------------------
+
+    def _pyramid(self, h: int, w: int) -> list[float]:
+        # Same Python-float arithmetic as facenet-pytorch.
+        m = 12.0 / self.min_face_size
+        minl = min(h, w) * m
+        scales, scale = [], m
+        while minl >= 12:
+            scales.append(scale)
+            scale = scale * self.scale_factor
+            minl = minl * self.scale_factor
+        return scales
+
+    def _cascade(self, images: list[np.ndarray]):
+        dev = self.device
+        empty = (
+            torch.zeros((0, 4)),
+            torch.zeros(0),
+            torch.zeros((0, 5, 2)),
+            torch.zeros(0, dtype=torch.long),
+        )
+        level_image, level_scale, level_h, level_w = [], [], [], []
+        for i, im in enumerate(images):
+            h, w = im.shape[:2]
+            for s in self._pyramid(h, w):
+                level_image.append(i)
+                level_scale.append(s)
+                level_h.append(int(h * s + 1))
+                level_w.append(int(w * s + 1))
+        if not level_image:
+            return empty
+        levels = {
+            "image": np.array(level_image, np.int64),
+            "scale": np.array(level_scale, np.float64),
+            "h": np.array(level_h, np.int64),
+            "w": np.array(level_w, np.int64),
+        }
+        integral = _IntegralImages(images, dev, self._workspace)
+        sizes = np.array([im.shape[:2] for im in images], np.int64)
+        img_h = torch.as_tensor(sizes[:, 0], device=dev)
+        img_w = torch.as_tensor(sizes[:, 1], device=dev)
+
+        # ---- stage 1: P-Net ----
+        cand, cand_level = self._stage_pnet(integral, levels)
+        if cand.shape[0] == 0:
+            return empty
+        image_ids = torch.as_tensor(levels["image"], device=dev)[cand_level]
+        # NMS 0.5 within image and level, then 0.7 within image (on the unregressed windows).
+        keep = _batched_nms(cand[:, :4], cand[:, 4], cand_level, 0.5)
+        cand, image_ids = cand[keep], image_ids[keep]
+        keep = _batched_nms(cand[:, :4], cand[:, 4], image_ids, 0.7)
+        cand, image_ids = cand[keep], image_ids[keep]
+        regw = cand[:, 2] - cand[:, 0]
+        regh = cand[:, 3] - cand[:, 1]
+        boxes = torch.stack(
+            [cand[:, 0] + cand[:, 5] * regw, cand[:, 1] + cand[:, 6] * regh,
+             cand[:, 2] + cand[:, 7] * regw, cand[:, 3] + cand[:, 8] * regh],
+            dim=1,
+        )
+        boxes = _rerec(boxes)
+
+        # ---- stage 2: R-Net over the candidates of all images at once ----
+        crops, valid = self._crops(integral, boxes, image_ids, img_h, img_w, 24)
+        boxes, image_ids = boxes[valid], image_ids[valid]
+        if boxes.shape[0] == 0:
+            return empty
+        reg, prob = self._run_net(self.rnet, crops)
+        score = prob[:, 1]
+        passed = score > self.thresholds[1]
+        boxes, image_ids, score, reg = boxes[passed], image_ids[passed], score[passed], reg[passed]
+        keep = _batched_nms(boxes, score, image_ids, 0.7)
+        boxes, image_ids, reg = boxes[keep], image_ids[keep], reg[keep]
+        boxes = _rerec(_bbreg(boxes, reg))
+        if boxes.shape[0] == 0:
+            return empty
+
+        # ---- stage 3: O-Net ----
+        crops, valid = self._crops(integral, boxes, image_ids, img_h, img_w, 48)
+        boxes, image_ids = boxes[valid], image_ids[valid]
+        if boxes.shape[0] == 0:
+            return empty
+        reg, marks, prob = self._run_net(self.onet, crops)
+        score = prob[:, 1]
+        passed = score > self.thresholds[2]
+        boxes, image_ids, score, reg, marks = boxes[passed], image_ids[passed], score[passed], reg[passed], marks[passed]
+        w_i = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
+        h_i = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
+        points = torch.stack(
+            [w_i * marks[:, :5] + boxes[:, 0:1] - 1, h_i * marks[:, 5:10] + boxes[:, 1:2] - 1], dim=2
+        )
+        boxes = _bbreg(boxes, reg)
+        keep = _batched_nms(boxes, score, image_ids, 0.7, mode="min", ties_last_first=True)
+        return boxes[keep].cpu(), score[keep].cpu(), points[keep].cpu(), image_ids[keep].cpu()
+
+    def _run_net(self, net, crops):
+        """One forward pass over every crop. On CPU the batch is padded to a bucket size so
+        oneDNN reuses its kernels; outputs are float32."""
+        n = crops.shape[0]
+        if self.device.type == "cpu":
+            padded = _bucket(n)
+            if padded != n:
+                crops = torch.cat([crops, crops.new_zeros((padded - n,) + crops.shape[1:])])
+        with torch.autocast("cuda", enabled=self.autocast):
+            outs = net(crops)
+        return tuple(o[:n].float() for o in outs)
+
+    def _stage_pnet(self, integral: _IntegralImages, levels: dict):
+        """P-Net over every level of every image. Returns candidates (N, 9): window x1, y1,
+        x2, y2 (facenet's generateBoundingBox), score, 4 regression values; and their level."""
+        dev = self.device
+        max_h, max_w = self.canvas_size
+        pieces = _tile_levels(levels["h"], levels["w"], max_h, max_w)
+        shapes = _shelf_pack(pieces, max_h, max_w, self._canvas_step)
+        level_bins = {}
+        found_boxes, found_levels, found_keys = [], [], []
+        groups = [[c] for c in range(len(shapes))]
+        if self.device.type == "cuda":
+            # One P-Net call for all canvases (padded to a common shape).
+            common = (max(s[0] for s in shapes), max(s[1] for s in shapes))
+            shapes = [common] * len(shapes)
+            groups = [list(range(len(shapes)))]
+        piece_ids_by_canvas = [np.nonzero(pieces.canvas == c)[0] for c in range(len(shapes))]
+        for group in groups:
+            hc, wc = shapes[group[0]]
+            batch = self._workspace.get(f"canvas{hc}x{wc}", len(group) * hc * wc * 3, torch.float32, dev)
+            batch = batch.view(len(group), hc, wc, 3)
+            batch.zero_()
+            for k, c in enumerate(group):
+                for p in piece_ids_by_canvas[c]:
+                    self._fill_piece(integral, levels, level_bins, pieces, int(p), batch[k])
+            fix_rows, fix_cols = _partial_window_fixes(pieces, group, piece_ids_by_canvas, hc, wc, dev)
+            prob, reg = self._fast_pnet(batch.permute(0, 3, 1, 2), fix_rows, fix_cols)
+            boxes, lvl, key = self._candidates(prob, reg, pieces, group, piece_ids_by_canvas, levels)
+            if boxes is not None:
+                found_boxes.append(boxes)
+                found_levels.append(lvl)
+                found_keys.append(key)
+        if not found_boxes:
+            return torch.zeros((0, 9), device=dev), torch.zeros(0, dtype=torch.long, device=dev)
+        order = torch.argsort(torch.cat(found_keys))
+        return torch.cat(found_boxes)[order], torch.cat(found_levels)[order]
+
+    def _fill_piece(self, integral, levels, level_bins, pieces, p, canvas):
+        lvl = int(pieces.level[p])
+        if lvl not in level_bins:
+            img = int(levels["image"][lvl])
+            ih, iw = integral.shapes[img]
+            zero = torch.zeros(1, dtype=torch.int64, device=self.device)
+            rs, re = _bins(zero, zero + ih, int(levels["h"][lvl]), self.device)
+            cs, ce = _bins(zero, zero + iw, int(levels["w"][lvl]), self.device)
+            level_bins[lvl] = (img, rs[0], re[0], cs[0], ce[0])
+        img, rs, re, cs, ce = level_bins[lvl]
+        r0, c0 = int(pieces.in_row[p]), int(pieces.in_col[p])
+        h, w = int(pieces.height[p]), int(pieces.width[p])
+        y, x = int(pieces.y[p]), int(pieces.x[p])
+        integral.sample_grid(
+            img, rs[r0 : r0 + h], re[r0 : r0 + h], cs[c0 : c0 + w], ce[c0 : c0 + w],
+            canvas[y : y + h, x : x + w], self._chunk_elems,
+        )
+
+    def _candidates(self, prob, reg, pieces, group, piece_ids_by_canvas, levels):
+        """Windows with prob >= threshold inside a piece's own output block."""
+        dev = self.device
+        k_count, oh, ow = prob.shape
+        owner = torch.full((k_count, oh, ow), -1, dtype=torch.int64, device=dev)
+        for k, c in enumerate(group):
+            for p in piece_ids_by_canvas[c]:
+                y, x = int(pieces.y[p]) // 2, int(pieces.x[p]) // 2
+                owner[k, y : y + int(pieces.out_rows[p]), x : x + int(pieces.out_cols[p])] = int(p)
+        hit = (prob >= self.thresholds[0]) & (owner >= 0)
+        ks, ys, xs = torch.nonzero(hit, as_tuple=True)
+        if ys.numel() == 0:
+            return None, None, None
+        piece = owner[ks, ys, xs]
+        pt = {name: torch.as_tensor(getattr(pieces, name), device=dev)[piece]
+              for name in ("level", "in_row", "in_col", "y", "x")}
+        # Output coordinates within the level (what facenet's generateBoundingBox sees).
+        by = (ys - pt["y"] // 2 + pt["in_row"] // 2).to(torch.float32)
+        bx = (xs - pt["x"] // 2 + pt["in_col"] // 2).to(torch.float32)
+        scale = torch.as_tensor(levels["scale"], device=dev)[pt["level"]].to(torch.float32)
+        # facenet: q1 = floor((stride*bb + 1) / scale), q2 = floor((stride*bb + cell) / scale)
+        # on float32 tensors.
+        q1x = torch.floor((_PNET_STRIDE * bx + 1) / scale)
+        q1y = torch.floor((_PNET_STRIDE * by + 1) / scale)
+        q2x = torch.floor((_PNET_STRIDE * bx + _PNET_CELL) / scale)
+        q2y = torch.floor((_PNET_STRIDE * by + _PNET_CELL) / scale)
+        score = prob[ks, ys, xs]
+        r = reg[ks, :, ys, xs]
+        boxes = torch.cat([torch.stack([q1x, q1y, q2x, q2y, score], 1), r.float()], 1)
+        # facenet-pytorch lists a level's candidates in row-major order; keep that order
+        # (it decides ties in NMS) although pieces split a level on the canvases.
+        key = (pt["level"] * (int(levels["h"].max()) + 1) + by.long()) * (int(levels["w"].max()) + 1) + bx.long()
+        return boxes, pt["level"], key
+
+    def _crops(self, integral, boxes, image_ids, img_h, img_w, size: int):
+        """facenet-pytorch's pad + crop + area resize, for every box at once.
+
+        Returns normalised crops (N, 3, size, size) and the mask of boxes whose clamped
+        region is not empty (the reference skips those)."""
+        b = boxes.trunc().to(torch.int64)
+        x = b[:, 0].clamp(min=1)
+        y = b[:, 1].clamp(min=1)
+        ex = torch.minimum(b[:, 2], img_w[image_ids])
+        ey = torch.minimum(b[:, 3], img_h[image_ids])
+        valid = (ey > y - 1) & (ex > x - 1)
+        x, y, ex, ey, ids = x[valid], y[valid], ex[valid], ey[valid], image_ids[valid]
+        if x.numel() == 0:
+            return torch.zeros((0, 3, size, size), device=self.device), valid
+        rs, re = _bins(y - 1, ey - y + 1, size, self.device)
+        cs, ce = _bins(x - 1, ex - x + 1, size, self.device)
+        crops = integral.sample_boxes(ids, rs, re, cs, ce)
+        return crops.permute(0, 3, 1, 2).contiguous(), valid
+
+
+def _partial_window_fixes(pieces, group, piece_ids_by_canvas, hc, wc, dev):
+    """Flat pooled-grid indices (over the canvases of `group`) of the ceil-mode pool windows
+    that hang over the bottom (rows) or right (columns) edge of an odd-sized piece."""
+    hp, wp = hc // 2 - 1, wc // 2 - 1
+    rows, cols = [], []
+    for k, c in enumerate(group):
+        for p in piece_ids_by_canvas[c]:
+            h, w = int(pieces.height[p]), int(pieces.width[p])
+            py, px = int(pieces.y[p]) // 2, int(pieces.x[p]) // 2
+            n_r, n_c = (h - 1) // 2, (w - 1) // 2  # pooled rows / columns of the piece
+            if h % 2:
+                rows.append(k * hp * wp + (py + n_r - 1) * wp + px + np.arange(n_c))
+            if w % 2:
+                cols.append(k * hp * wp + (py + np.arange(n_r)) * wp + px + n_c - 1)
+    fix_rows = torch.as_tensor(np.concatenate(rows), device=dev) if rows else None
+    fix_cols = torch.as_tensor(np.concatenate(cols), device=dev) if cols else None
+    return fix_rows, fix_cols
+
+
+def _split(boxes, scores, points, image_ids, n_images, back_scale) -> list[Detections]:
+    boxes = boxes.float().numpy()
+    scores = scores.float().numpy()
+    points = points.float().numpy()
+    image_ids = image_ids.numpy()
+    order = np.lexsort((-scores, image_ids))
+    boxes, scores, points, image_ids = boxes[order], scores[order], points[order], image_ids[order]
+    bounds = np.searchsorted(image_ids, np.arange(n_images + 1))
+    results = []
+    for i in range(n_images):
+        lo, hi = bounds[i], bounds[i + 1]
+        bx = boxes[lo:hi].astype(np.float32)
+        pt = points[lo:hi].astype(np.float32)
+        sx, sy = back_scale[i]
+        if sx != 1.0 or sy != 1.0:
+            bx = bx * np.array([sx, sy, sx, sy], np.float32)
+            pt = pt * np.array([sx, sy], np.float32)
+        results.append(Detections(np.ascontiguousarray(bx), scores[lo:hi].astype(np.float32).copy(), np.ascontiguousarray(pt)))
+    return results
+
+
+def _rerec(boxes):
+    """Square boxes around their centre (facenet-pytorch's rerec), in float32."""
+    h = boxes[:, 3] - boxes[:, 1]
+    w = boxes[:, 2] - boxes[:, 0]
+    side = torch.maximum(w, h)
+    x1 = boxes[:, 0] + w * 0.5 - side * 0.5
+    y1 = boxes[:, 1] + h * 0.5 - side * 0.5
+    return torch.stack([x1, y1, x1 + side, y1 + side], dim=1)
+
+
+def _bbreg(boxes, reg):
+    """facenet-pytorch's bbreg: regression relative to width/height with the +1 convention."""
+    w = boxes[:, 2] - boxes[:, 0] + 1
+    h = boxes[:, 3] - boxes[:, 1] + 1
+    return torch.stack(
+        [boxes[:, 0] + reg[:, 0] * w, boxes[:, 1] + reg[:, 1] * h,
+         boxes[:, 2] + reg[:, 2] * w, boxes[:, 3] + reg[:, 3] * h],
+        dim=1,
+    )

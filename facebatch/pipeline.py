@@ -14,7 +14,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +27,7 @@ log = logging.getLogger("facebatch")
 
 # Objects larger than this are not fetched at all (a 1 GiB "photo" is not one we can decode anyway).
 MAX_OBJECT_BYTES = 1 << 30
+DECODE_TASK_MEMORY = 512 * 1024 * 1024
 
 DECODED_SCHEMA = pa.schema(
     [
@@ -340,7 +341,7 @@ def default_sizing(config: IndexConfig, resources: dict[str, float]) -> dict[str
 
 
 def run_index(config: IndexConfig, ray_address: str | None = None, object_store_memory: int | None = None,
-              progress: bool = True) -> RunSummary:
+              progress: bool = True, on_batch: Callable[[int, int, float], None] | None = None) -> RunSummary:
     """Plan, run and publish one indexing run. Raises on failure of the run itself (not of single objects)."""
     import ray
 
@@ -397,6 +398,10 @@ def run_index(config: IndexConfig, ray_address: str | None = None, object_store_
             fn_kwargs={"retries": config.fetch_retries, "endpoint": endpoint, "max_pixels": config.max_pixels,
                        "max_side": config.max_side},
             num_cpus=1,
+            # Decoding a photo near the pixel limit needs a few hundred MB: reserving it bounds how
+            # many decodes a node runs at once. (Also keeps Ray Data from fusing decoding into the
+            # inference actors, so CPU workers decode while the actors infer.)
+            memory=DECODE_TASK_MEMORY,
             compute=ray.data.TaskPoolStrategy(size=sizing["read_concurrency"]),
         )
         ds = ds.map_batches(
@@ -432,6 +437,8 @@ def run_index(config: IndexConfig, ray_address: str | None = None, object_store_
             processed += batch.num_rows
             tables.fault_point("write-after-first-batch")
             now = time.perf_counter()
+            if on_batch is not None:  # (images processed, faces, seconds since processing began)
+                on_batch(processed, faces_total, now - t_infer)
             if now - last_log > 10 or processed == todo:
                 rate = processed / max(1e-9, now - t_infer)
                 log.info("progress: %d/%d images (%.1f%%), %d faces, %.1f images/s", processed, todo,

@@ -1,0 +1,156 @@
+"""End-to-end throughput of `facebatch index` against the bare models on the same images.
+
+1. bare: the images decoded in advance (not timed), then FaceAnalyzer (detector + alignment +
+   embedder) over them in batches, on 2 torch threads: the models' own time;
+2. end to end: `run_index` over the same files on a local Ray instance (plan, fetch, decode,
+   inference, Parquet write, publish), from a local folder or from a loopback S3 server.
+Prints images/s, the stage breakdown from the run record, the ratio end-to-end / bare, and the
+peak memory (driver + Ray workers, sampled every 0.5 s).
+
+    .venv/bin/python bench/bench_pipeline.py                      # shared detection + identity images
+    .venv/bin/python bench/bench_pipeline.py --source s3          # the same through moto_server
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data" / "faces"
+
+
+class MemorySampler:
+    """Peak and time series of the summed RSS of this process and its children (Ray workers)."""
+
+    def __init__(self, interval: float = 0.5, exclude_pids: tuple[int, ...] = ()):
+        self.interval, self.exclude = interval, set(exclude_pids)
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def rss_mb(self) -> float:
+        me = psutil.Process()
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            if proc.pid in self.exclude:
+                continue
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                pass
+        return total / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.samples.append((time.perf_counter() - self._t0, self.rss_mb()))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max((m for _, m in self.samples), default=0.0)
+
+
+def corpus_files(limit: int | None) -> list[Path]:
+    manifest = json.loads((SHARED / "MANIFEST.json").read_text())
+    files = [SHARED / e["path"] for e in manifest["files"]
+             if e["set"] in ("detection", "identity") and e.get("kind") == "image" and not (e.get("image") or {}).get("undecodable")]
+    return files[:limit] if limit else files
+
+
+def bare_models(files: list[Path], batch_size: int, max_side: int) -> dict:
+    import torch
+
+    from facebatch.decode import decode_image
+    from facebatch.inference import FaceAnalyzer, StageTimes
+
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    analyzer = FaceAnalyzer(device="cpu")
+    load_s = time.perf_counter() - t0
+    decoded = [decode_image(p.read_bytes(), max_side=max_side) for p in files]
+    analyzer.analyze([decoded[0].rgb], [decoded[0].scale])  # warm-up
+    times = StageTimes()
+    t0 = time.perf_counter()
+    faces = 0
+    for i in range(0, len(decoded), batch_size):
+        chunk = decoded[i : i + batch_size]
+        faces += sum(len(r) for r in analyzer.analyze([d.rgb for d in chunk], [d.scale for d in chunk], times))
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "faces": faces, "load_s": load_s, "detect_s": times.detect_s, "embed_s": times.embed_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", choices=("local", "s3"), default="local")
+    parser.add_argument("--limit", type=int)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-side", type=int, default=2048)
+    args = parser.parse_args()
+    if not SHARED.is_dir():
+        sys.exit(f"shared corpus not found at {SHARED}")
+    files = corpus_files(args.limit)
+    work = Path(tempfile.mkdtemp(prefix="facebatch-bench-pipeline-"))
+    archive = work / "archive"
+    for path in files:
+        dest = archive / path.relative_to(SHARED)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+
+    bare = bare_models(files, args.batch_size, args.max_side)
+
+    from facebatch.config import IndexConfig
+    from facebatch.pipeline import run_index
+
+    server = None
+    source, out = str(archive), str(work / "tables")
+    exclude: tuple[int, ...] = ()
+    if args.source == "s3":
+        sys.path.insert(0, str(REPO / "tests"))
+        from s3server import S3Server
+
+        server = S3Server(work)
+        os.environ.update(server.env())
+        client = server.client()
+        client.create_bucket(Bucket="bench")
+        for path in files:
+            client.put_object(Bucket="bench", Key=f"photos/{path.relative_to(SHARED)}", Body=path.read_bytes())
+        source, out = "s3://bench/photos", "s3://bench/tables"
+        exclude = (server.process.pid,)
+    sampler = MemorySampler(exclude_pids=exclude)
+    t0 = time.perf_counter()
+    summary = run_index(IndexConfig(source=source, out=out, batch_size=args.batch_size, max_side=args.max_side).validate(),
+                        object_store_memory=512 * 2**20, progress=False)
+    wall = time.perf_counter() - t0
+    peak = sampler.stop()
+    record = summary.record
+    sec = record["seconds"]
+    n = len(files)
+    print(f"{n} images ({args.source}), batch {args.batch_size}, max_side {args.max_side}, torch threads 2, {os.cpu_count()} CPUs")
+    print(f"{'':34s} {'seconds':>9s} {'images/s':>9s}")
+    print(f"{'bare models (detect+align+embed)':34s} {bare['seconds']:9.2f} {n / bare['seconds']:9.2f}")
+    print(f"{'  of which detect / embed':34s} {bare['detect_s']:9.2f} / {bare['embed_s']:.2f}")
+    print(f"{'end to end: processing':34s} {sec['process']:9.2f} {n / sec['process']:9.2f}")
+    print(f"{'end to end: whole command':34s} {wall:9.2f} {n / wall:9.2f}  (plan {sec['plan']:.2f} s, Ray start + model load included)")
+    print(f"{'ratio processing / bare':34s} {sec['process'] / bare['seconds']:9.2f}")
+    print("stage seconds summed over workers: " + ", ".join(f"{k} {v:.2f}" for k, v in sec.items() if k.endswith("_cpu_sum")))
+    print(f"faces: bare {bare['faces']}, end to end {record['faces']}; statuses {record['images_by_status']}")
+    print(f"peak RSS driver + Ray workers: {peak:.0f} MiB; model load {bare['load_s']:.2f} s")
+    if server:
+        server.stop()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

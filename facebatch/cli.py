@@ -122,10 +122,7 @@ def run_detect_command(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     params = DetectorParams(min_face_size=args.min_face_size, thresholds=tuple(args.thresholds), scale_factor=args.scale_factor)
-    try:
-        params.validate()
-    except ConfigError as exc:
-        raise SystemExit(f"facebatch detect: {exc}")
+    params.validate()
     analyzer = FaceAnalyzer(device=args.device, detector_params=params, embed=args.embed)
 
     def emit(path: str, result: dict) -> None:

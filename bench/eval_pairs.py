@@ -179,7 +179,7 @@ def main() -> None:
     for r in rows:
         low, high = r["best_interval"]
         print(f"{r['name']:45} {r['threshold']:8.4f} {r['accuracy']:7.4f} {r['errors']:6d} {r['best_accuracy']:8.4f} "
-              f"({low:8.4f},{high:8.4f}] {r['auc']:7.4f} {r['tar_at_far_0.1%']:8.4f}")
+              f"({low:8.4f},{high:8.4f}] {r['auc']:7.5f} {r['tar_at_far_0.1%']:8.4f}")
     print(f"dlib's reference file says accuracy_at_0.6 = {reference['accuracy_at_0.6']:.4f}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "missing": missing}, indent=2))

@@ -25,6 +25,10 @@ dlib's serialisation, as far as this file uses it (little-endian throughout):
   tensors and the sample expansion factor. So the file reads: a run of version ints (output to
   input), then layer records from input to output.
 
+Converted weights are not cached: reading and validating the 22 MB file takes ~60 ms and
+building the module ~50 ms on one CPU core (bench/bench_embedder.py), less than a cache lookup
+would save.
+
 One behaviour of dlib that the module reproduces on purpose: where a residual block changes the
 spatial size (8x8 -> conv 3x3 but shortcut pool 4x4; 4x4 -> 1x1 vs 2x2) dlib's ``add_prev``
 zero-pads both operands to the larger shape (extra channels/rows/columns at the end, so the

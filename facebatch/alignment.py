@@ -210,7 +210,7 @@ def _as_rgb_uint8(image, index: int) -> np.ndarray:
             f"images[{index}] must be an HxWx3 uint8 RGB array, got dtype {array.dtype} "
             f"shape {array.shape}"
         )
-    return np.ascontiguousarray(array)
+    return array  # any strides: only the crop around the faces is copied, later
 
 
 def warp_chips(
@@ -289,7 +289,8 @@ def warp_chips(
             if right < left or bottom < top:
                 max_level_per_slot[s] = 0
                 continue
-            level_image = torch.from_numpy(array[top : bottom + 1, left : right + 1]).to(device)
+            region = np.ascontiguousarray(array[top : bottom + 1, left : right + 1])
+            level_image = torch.from_numpy(region).to(device)
             for level in range(int(max_level_per_slot[s]) + 1):
                 if level > 0:
                     if min(level_image.shape[:2]) < _MIN_PYRAMID_INPUT:

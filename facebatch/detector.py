@@ -37,6 +37,7 @@ import hashlib
 import importlib.util
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -326,14 +327,23 @@ class _IntegralImages:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.row_strides = np.array([(im.shape[1] + 1) * 3 for im in images], np.int64)
         self.shapes = [im.shape[:2] for im in images]
-        # Reused between calls: a fresh buffer of this size costs page faults every batch.
-        flat = workspace.get("integral", int(sum(sizes)), torch.int32, torch.device("cpu"))
-        flat_np = flat.numpy()
-        for im, offset, size in zip(images, self.offsets, sizes):
-            h, w = im.shape[:2]
-            cv2.integral(im, sum=flat_np[offset : offset + size].reshape(h + 1, w + 1, 3), sdepth=cv2.CV_32S)
-        self.flat = flat if device.type == "cpu" else flat.to(device)
+        if device.type == "cuda":
+            # Upload the uint8 pixels (4x less than the sums) and integrate on the GPU; int32
+            # cumsum wraps around exactly like cv2's, see above.
+            flat = workspace.get("integral", int(sum(sizes)), torch.int32, device)
+            for im, offset, size in zip(images, self.offsets, sizes):
+                h, w = im.shape[:2]
+                _integrate(torch.from_numpy(im).to(device), flat[offset : offset + size].view(h + 1, w + 1, 3))
+        else:
+            # Reused between calls: a fresh buffer of this size costs page faults every batch.
+            flat = workspace.get("integral", int(sum(sizes)), torch.int32, device)
+            flat_np = flat.numpy()
+            for im, offset, size in zip(images, self.offsets, sizes):
+                h, w = im.shape[:2]
+                cv2.integral(im, sum=flat_np[offset : offset + size].reshape(h + 1, w + 1, 3), sdepth=cv2.CV_32S)
+        self.flat = flat
         self.device = device
+        self.workspace = workspace
 
     def image_view(self, i: int) -> torch.Tensor:
         h, w = self.shapes[i]
@@ -342,28 +352,43 @@ class _IntegralImages:
 
     def sample_grid(self, i: int, rs, re, cs, ce, out: torch.Tensor, chunk_elems: int) -> None:
         """Area means of image i over the bins rows [rs, re) x cols [cs, ce) (1-D int64
-        tensors), normalised like facenet-pytorch, written into out (len(rs), len(cs), 3).
+        numpy arrays), normalised like facenet-pytorch, written into out (len(rs), len(cs), 3).
 
-        Separable: gather the integral's rows (contiguous copies), difference, then gather
-        the columns; chunked over rows so every temporary stays small and cache-friendly.
+        Separable: gather the integral's rows (contiguous copies) and difference them, then
+        gather the columns. Chunked over rows into reused buffers, so temporaries stay small
+        and no fresh memory is touched.
         """
-        S = self.image_view(i)
+        dev = self.flat.device
         c_lo = int(cs[0])
         c_hi = int(ce[-1]) + 1
-        S = S[:, c_lo:c_hi]
-        cols = torch.cat([cs, ce]) - c_lo
-        kw = (ce - cs).to(torch.float32)[None, :, None]
-        kh_all = (re - rs).to(torch.float32)
-        n_rows, n_cols = rs.shape[0], cs.shape[0]
-        step = max(1, chunk_elems // ((c_hi - c_lo) * 3))
+        S = self.image_view(i)[:, c_lo:c_hi]
+        n_src = c_hi - c_lo
+        n_rows, n_cols = len(rs), len(cs)
+        cols = torch.as_tensor(np.concatenate([cs, ce]) - c_lo, device=dev)
+        kw = torch.as_tensor((ce - cs).astype(np.float32), device=dev)[None, :, None]
+        kh_all = torch.as_tensor((re - rs).astype(np.float32), device=dev)[:, None, None]
+        rs = torch.as_tensor(rs, device=dev)
+        re = torch.as_tensor(re, device=dev)
+        step = max(1, min(n_rows, chunk_elems // (n_src * 3)))
+        ws = self.workspace
+        rows_hi = ws.get("rows_hi", step * n_src * 3, torch.int32, dev).view(step, n_src, 3)
+        rows_lo = ws.get("rows_lo", step * n_src * 3, torch.int32, dev).view(step, n_src, 3)
+        corners = ws.get("corners", step * 2 * n_cols * 3, torch.int32, dev).view(step, 2 * n_cols, 3)
+        total = ws.get("total", step * n_cols * 3, torch.int32, dev).view(step, n_cols, 3)
+        mean = ws.get("mean", step * n_cols * 3, torch.float32, dev).view(step, n_cols, 3)
         for r0 in range(0, n_rows, step):
-            r1 = min(n_rows, r0 + step)
-            rows = S.index_select(0, re[r0:r1])
-            rows -= S.index_select(0, rs[r0:r1])
-            corners = rows.index_select(1, cols).view(r1 - r0, 2, n_cols, 3)
-            total = (corners[:, 1] - corners[:, 0]).to(torch.float32)
-            mean = total / kh_all[r0:r1, None, None] / kw
-            torch.mul(mean - _NORM_MEAN, _NORM_SCALE, out=out[r0:r1])
+            m = min(n_rows, r0 + step) - r0
+            hi, lo, cor, tot, avg = rows_hi[:m], rows_lo[:m], corners[:m], total[:m], mean[:m]
+            torch.index_select(S, 0, re[r0 : r0 + m], out=hi)
+            torch.index_select(S, 0, rs[r0 : r0 + m], out=lo)
+            torch.sub(hi, lo, out=hi)
+            torch.index_select(hi, 1, cols, out=cor)
+            torch.sub(cor[:, n_cols:], cor[:, :n_cols], out=tot)
+            # sum / rows / cols in float32: the exact expression of adaptive_avg_pool2d.
+            torch.div(tot, kh_all[r0 : r0 + m], out=avg)
+            torch.div(avg, kw, out=avg)
+            torch.sub(avg, _NORM_MEAN, out=avg)
+            torch.mul(avg, _NORM_SCALE, out=out[r0 : r0 + m])
 
     def sample_boxes(self, image_ids, rs, re, cs, ce) -> torch.Tensor:
         """Area means over per-item bins: rs/re (N, R), cs/ce (N, C) int64 -> (N, R, C, 3)
@@ -390,6 +415,20 @@ def _bins(start, length, n_out: int, device):
     lo = (i[None, :] * length[:, None]) // n_out
     hi = ((i[None, :] + 1) * length[:, None] + n_out - 1) // n_out
     return start[:, None] + lo, start[:, None] + hi
+
+
+def _integrate(pixels: torch.Tensor, out: torch.Tensor) -> None:
+    """Integral image of HxWx3 uint8 `pixels` into the (H+1)x(W+1)x3 int32 `out` (wrapping
+    int32 sums, the same numbers as cv2.integral)."""
+    out[0].zero_()
+    out[:, 0].zero_()
+    out[1:, 1:] = torch.cumsum(pixels, 0, dtype=torch.int32).cumsum_(1)
+
+
+def _bins_np(length: int, n_out: int):
+    """`_bins` for one whole image side, on the host."""
+    i = np.arange(n_out, dtype=np.int64)
+    return (i * length) // n_out, ((i + 1) * length + n_out - 1) // n_out
 
 
 class _Workspace:
@@ -449,14 +488,15 @@ _MAX_PAIRS_PER_CHUNK = 4_000_000
 def _batched_nms(
     boxes, scores, groups, threshold: float, mode: str = "union", ties_last_first: bool = False
 ) -> torch.Tensor:
-    """Greedy NMS independently within each group; returns the kept indices, sorted by
-    group, then by priority.
+    """Greedy NMS independently within each group; returns the kept indices in priority
+    order (score descending).
 
-    Every same-group pair is compared (vectorised, chunked); the greedy pass is
-    `_greedy_from_edges`. Equal scores rank in input order, as torchvision's stable sort
-    does; with ties_last_first the later one ranks first, as facenet-pytorch's nms_numpy
-    (np.argsort ascending, then taking from the end) does. Ties matter: O-Net scores often
-    saturate to exactly 1.0 for faces cut by the image border.
+    Candidate pairs come from a sweep: within a group, boxes sorted by x1 can only overlap
+    the following boxes whose x1 is left of their x2, so only those pairs are compared
+    (vectorised, chunked). The greedy pass is `_greedy_from_edges`. Equal scores rank in
+    input order, as torchvision's stable sort does; with ties_last_first the later box ranks
+    first, as in facenet-pytorch's nms_numpy (np.argsort ascending, picked from the end).
+    Ties matter: O-Net scores often saturate to exactly 1.0 for faces cut by the border.
     """
     device = boxes.device
     n = boxes.shape[0]
@@ -464,40 +504,52 @@ def _batched_nms(
         return torch.zeros(0, dtype=torch.long, device=device)
     if ties_last_first:
         reverse = torch.arange(n - 1, -1, -1, device=device)
-        order = reverse[torch.argsort(scores[reverse], descending=True, stable=True)]
+        priority = reverse[torch.argsort(scores[reverse], descending=True, stable=True)]
     else:
-        order = torch.argsort(scores, descending=True, stable=True)
-    order = order[torch.argsort(groups[order], stable=True)]
-    sorted_boxes = boxes[order].float()
-    _, counts = torch.unique_consecutive(groups[order], return_counts=True)
-    group_end = torch.repeat_interleave(torch.cumsum(counts, 0), counts)
+        priority = torch.argsort(scores, descending=True, stable=True)
+    rank = torch.empty(n, dtype=torch.long, device=device)
+    rank[priority] = torch.arange(n, device=device)
+    boxes = boxes.float()
+    # Sweep order: by group, then x1.
+    sweep = torch.argsort(boxes[:, 0], stable=True)
+    sweep = sweep[torch.argsort(groups[sweep], stable=True)]
+    x1 = boxes[sweep, 0]
+    x2 = boxes[sweep, 2] + (1.0 if mode == "min" else 0.0)  # 'min' counts touching pixels
+    g = groups[sweep]
+    # Keys that sort by group, then coordinate, as one float64 (groups are small ints).
+    span = float((torch.maximum(x1.abs().max(), x2.abs().max()) * 2 + 4).item())
+    key_start = g.double() * span + x1.double()
+    key_end = g.double() * span + x2.double()
+    end = torch.searchsorted(key_start, key_end, side="left")  # first box starting at/after x2
     position = torch.arange(n, device=device)
-    partners = group_end - position - 1  # later members of the same group
-    cum = torch.cumsum(partners, 0)
-    cum_host = cum.cpu().numpy()
+    partners = (end - position - 1).clamp_(min=0)
+    cum_host = torch.cumsum(partners, 0).cpu().numpy()
     src_list, dst_list = [], []
     start = 0
     while start < n:
         base = int(cum_host[start - 1]) if start else 0
-        end = int(np.searchsorted(cum_host, base + _MAX_PAIRS_PER_CHUNK, side="right"))
-        end = min(max(end, start + 1), n)
-        counts_chunk = partners[start:end]
-        pairs = int(cum_host[end - 1]) - base
+        stop = int(np.searchsorted(cum_host, base + _MAX_PAIRS_PER_CHUNK, side="right"))
+        stop = min(max(stop, start + 1), n)
+        counts = partners[start:stop]
+        pairs = int(cum_host[stop - 1]) - base
         if pairs:
-            first = torch.repeat_interleave(position[start:end], counts_chunk, output_size=pairs)
-            chunk_start = torch.cumsum(counts_chunk, 0) - counts_chunk
+            first = torch.repeat_interleave(position[start:stop], counts, output_size=pairs)
+            offsets = torch.cumsum(counts, 0) - counts
             second = first + 1 + torch.arange(pairs, device=device) - torch.repeat_interleave(
-                chunk_start, counts_chunk, output_size=pairs
+                offsets, counts, output_size=pairs
             )
-            hit = _overlap(sorted_boxes[first], sorted_boxes[second], mode) > threshold
-            src_list.append(first[hit])
-            dst_list.append(second[hit])
-        start = end
+            a, b = sweep[first], sweep[second]
+            hit = _overlap(boxes[a], boxes[b], mode) > threshold
+            a, b = a[hit], b[hit]
+            a_first = rank[a] < rank[b]
+            src_list.append(torch.where(a_first, rank[a], rank[b]))
+            dst_list.append(torch.where(a_first, rank[b], rank[a]))
+        start = stop
     if src_list:
         src, dst = torch.cat(src_list), torch.cat(dst_list)
     else:
         src = dst = torch.zeros(0, dtype=torch.long, device=device)
-    return order[_greedy_from_edges(n, src, dst)]
+    return priority[_greedy_from_edges(n, src, dst)]
 
 
 # --------------------------------------------------------------------------------------
@@ -664,13 +716,12 @@ def _resolve_device(device) -> torch.device:
 
 
 def _bucket(n: int) -> int:
-    """Batch size rounded up to a few fixed sizes (oneDNN builds kernels per shape)."""
-    if n <= 32:
-        return 32
-    b = 32
-    while b < n:
-        b = b * 3 // 2 if (b & (b - 1)) == 0 else (b // 3) * 4
-    return b
+    """Batch size rounded up to a multiple of 128 (32 or 64 when small): oneDNN generates
+    kernels per input shape, so a few sizes are reused instead of one per candidate count."""
+    for small in (32, 64):
+        if n <= small:
+            return small
+    return _round_up(n, 128)
 
 
 class MTCNNDetector:
@@ -724,6 +775,7 @@ class MTCNNDetector:
             raise ValueError("canvas_size must be even and at least 64 x 64")
         self._canvas_step = 64 if on_gpu else 128
         self._chunk_elems = (1 << 24) if on_gpu else (1 << 20)
+        self._gpu_call_pixels = 128_000_000
 
         paths = mtcnn_weight_paths()
         self.weights_sha256 = {name: _sha256(path) for name, path in paths.items()}
@@ -732,8 +784,15 @@ class MTCNNDetector:
         self.rnet = nets["rnet"].to(self.device)
         self.onet = nets["onet"].to(self.device)
         self._fast_pnet = _FastPNet(self.pnet).to(self.device)
+        # channels_last: oneDNN's fast path for these small convolutions on CPU (2-4x).
+        self._rnet_fast = self.rnet.to(memory_format=torch.channels_last)
+        self._onet_fast = self.onet.to(memory_format=torch.channels_last)
         self._workspace = _Workspace()
         self._lock = threading.Lock()
+        #: Seconds per stage of the last detect() call (on CUDA only when time_stages is
+        #: set, because timing needs a synchronisation per stage).
+        self.last_stage_seconds: dict[str, float] = {}
+        self.time_stages = self.device.type == "cpu"
 
     # ---- public API --------------------------------------------------------------------
 
@@ -772,8 +831,20 @@ class MTCNNDetector:
                     arrays[i] = cv2.resize(im, (nw, nh), interpolation=cv2.INTER_AREA)
                     back_scale[i] = (w / nw, h / nh)
         with self._lock, torch.inference_mode():
+            self.last_stage_seconds = {}
+            self._clock = time.perf_counter()
             boxes, scores, points, image_ids = self._cascade(arrays)
         return _split(boxes, scores, points, image_ids, len(arrays), back_scale)
+
+    def _mark(self, stage: str) -> None:
+        """Charge the time since the previous mark to `stage`."""
+        if not self.time_stages:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.last_stage_seconds[stage] = self.last_stage_seconds.get(stage, 0.0) + now - self._clock
+        self._clock = now
 
     # ---- cascade -----------------------------------------------------------------------
 
@@ -816,6 +887,7 @@ class MTCNNDetector:
         sizes = np.array([im.shape[:2] for im in images], np.int64)
         img_h = torch.as_tensor(sizes[:, 0], device=dev)
         img_w = torch.as_tensor(sizes[:, 1], device=dev)
+        self._mark("integral")
 
         # ---- stage 1: P-Net ----
         cand, cand_level = self._stage_pnet(integral, levels)
@@ -823,6 +895,7 @@ class MTCNNDetector:
             return empty
         image_ids = torch.as_tensor(levels["image"], device=dev)[cand_level]
         # NMS 0.5 within image and level, then 0.7 within image (on the unregressed windows).
+        self._mark("pnet")
         keep = _batched_nms(cand[:, :4], cand[:, 4], cand_level, 0.5)
         cand, image_ids = cand[keep], image_ids[keep]
         keep = _batched_nms(cand[:, :4], cand[:, 4], image_ids, 0.7)
@@ -835,13 +908,16 @@ class MTCNNDetector:
             dim=1,
         )
         boxes = _rerec(boxes)
+        self._mark("pnet_nms")
 
         # ---- stage 2: R-Net over the candidates of all images at once ----
         crops, valid = self._crops(integral, boxes, image_ids, img_h, img_w, 24)
         boxes, image_ids = boxes[valid], image_ids[valid]
         if boxes.shape[0] == 0:
             return empty
-        reg, prob = self._run_net(self.rnet, crops)
+        self._mark("rnet_crops")
+        reg, prob = self._run_net(self._rnet_fast, crops)
+        self._mark("rnet")
         score = prob[:, 1]
         passed = score > self.thresholds[1]
         boxes, image_ids, score, reg = boxes[passed], image_ids[passed], score[passed], reg[passed]
@@ -856,7 +932,9 @@ class MTCNNDetector:
         boxes, image_ids = boxes[valid], image_ids[valid]
         if boxes.shape[0] == 0:
             return empty
-        reg, marks, prob = self._run_net(self.onet, crops)
+        self._mark("onet_crops")
+        reg, marks, prob = self._run_net(self._onet_fast, crops)
+        self._mark("onet")
         score = prob[:, 1]
         passed = score > self.thresholds[2]
         boxes, image_ids, score, reg, marks = boxes[passed], image_ids[passed], score[passed], reg[passed], marks[passed]
@@ -867,7 +945,9 @@ class MTCNNDetector:
         )
         boxes = _bbreg(boxes, reg)
         keep = _batched_nms(boxes, score, image_ids, 0.7, mode="min", ties_last_first=True)
-        return boxes[keep].cpu(), score[keep].cpu(), points[keep].cpu(), image_ids[keep].cpu()
+        result = boxes[keep].cpu(), score[keep].cpu(), points[keep].cpu(), image_ids[keep].cpu()
+        self._mark("rest")
+        return result
 
     def _run_net(self, net, crops):
         """One forward pass over every crop. On CPU the batch is padded to a bucket size so
@@ -877,6 +957,7 @@ class MTCNNDetector:
             padded = _bucket(n)
             if padded != n:
                 crops = torch.cat([crops, crops.new_zeros((padded - n,) + crops.shape[1:])])
+        crops = crops.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", enabled=self.autocast):
             outs = net(crops)
         return tuple(o[:n].float() for o in outs)
@@ -892,10 +973,12 @@ class MTCNNDetector:
         found_boxes, found_levels, found_keys = [], [], []
         groups = [[c] for c in range(len(shapes))]
         if self.device.type == "cuda":
-            # One P-Net call for all canvases (padded to a common shape).
+            # One P-Net call for all canvases (padded to a common shape), split only when
+            # the batch exceeds the per-call pixel budget.
             common = (max(s[0] for s in shapes), max(s[1] for s in shapes))
             shapes = [common] * len(shapes)
-            groups = [list(range(len(shapes)))]
+            per_call = max(1, self._gpu_call_pixels // (common[0] * common[1]))
+            groups = [list(range(i, min(i + per_call, len(shapes)))) for i in range(0, len(shapes), per_call)]
         piece_ids_by_canvas = [np.nonzero(pieces.canvas == c)[0] for c in range(len(shapes))]
         for group in groups:
             hc, wc = shapes[group[0]]
@@ -906,7 +989,9 @@ class MTCNNDetector:
                 for p in piece_ids_by_canvas[c]:
                     self._fill_piece(integral, levels, level_bins, pieces, int(p), batch[k])
             fix_rows, fix_cols = _partial_window_fixes(pieces, group, piece_ids_by_canvas, hc, wc, dev)
+            self._mark("pyramid")
             prob, reg = self._fast_pnet(batch.permute(0, 3, 1, 2), fix_rows, fix_cols)
+            self._mark("pnet")
             boxes, lvl, key = self._candidates(prob, reg, pieces, group, piece_ids_by_canvas, levels)
             if boxes is not None:
                 found_boxes.append(boxes)
@@ -922,10 +1007,9 @@ class MTCNNDetector:
         if lvl not in level_bins:
             img = int(levels["image"][lvl])
             ih, iw = integral.shapes[img]
-            zero = torch.zeros(1, dtype=torch.int64, device=self.device)
-            rs, re = _bins(zero, zero + ih, int(levels["h"][lvl]), self.device)
-            cs, ce = _bins(zero, zero + iw, int(levels["w"][lvl]), self.device)
-            level_bins[lvl] = (img, rs[0], re[0], cs[0], ce[0])
+            rs, re = _bins_np(ih, int(levels["h"][lvl]))
+            cs, ce = _bins_np(iw, int(levels["w"][lvl]))
+            level_bins[lvl] = (img, rs, re, cs, ce)
         img, rs, re, cs, ce = level_bins[lvl]
         r0, c0 = int(pieces.in_row[p]), int(pieces.in_col[p])
         h, w = int(pieces.height[p]), int(pieces.width[p])
@@ -986,7 +1070,7 @@ class MTCNNDetector:
         rs, re = _bins(y - 1, ey - y + 1, size, self.device)
         cs, ce = _bins(x - 1, ex - x + 1, size, self.device)
         crops = integral.sample_boxes(ids, rs, re, cs, ce)
-        return crops.permute(0, 3, 1, 2).contiguous(), valid
+        return crops.permute(0, 3, 1, 2), valid  # channels-last memory
 
 
 def _partial_window_fixes(pieces, group, piece_ids_by_canvas, hc, wc, dev):

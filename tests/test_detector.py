@@ -354,3 +354,17 @@ def test_params_describe_results(detector):
     assert p["min_face_size"] == 20 and p["thresholds"] == [0.6, 0.7, 0.7] and p["scale_factor"] == 0.709
     assert p["max_pixels"] == DEFAULT_MAX_PIXELS
     assert set(p["weights_sha256"]) == {"pnet", "rnet", "onet"}
+
+
+def test_integral_wraps_exactly_like_cv2():
+    """Sums past 2**31 wrap in int32; rectangle sums stay exact (CPU: cv2, GPU: torch)."""
+    from facebatch.detector import _IntegralImages, _integrate, _Workspace
+
+    white = np.full((3000, 3000, 3), 255, np.uint8)  # total 2.3e9 > 2**31
+    integral = _IntegralImages([white], torch.device("cpu"), _Workspace())
+    view = integral.image_view(0)
+    torched = torch.empty_like(view)
+    _integrate(torch.from_numpy(white), torched)
+    assert torch.equal(torched, view)
+    rect = view[2900, 2950] - view[100, 2950] - view[2900, 40] + view[100, 40]
+    assert int(rect[0]) == 255 * 2800 * 2910

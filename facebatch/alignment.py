@@ -232,7 +232,7 @@ def warp_chips(
     if image_index.min() < 0 or image_index.max() >= len(images):
         raise ValueError(f"image_index out of range for {len(images)} images")
 
-    chip_to_source_cpu = chip_to_source.detach().to("cpu", torch.float64).numpy()
+    chip_to_source_cpu = chip_to_source.detach().to("cpu", torch.float64).numpy().copy()
     levels, regions = _dlib_levels_and_crops(chip_to_source_cpu, size, antialias)
 
     # Like dlib, each image contributes only the region its chips read (the union over its
@@ -373,6 +373,10 @@ def align_faces(
     landmarks = torch.as_tensor(np.asarray(landmarks, dtype=np.float64))
     if landmarks.dim() != 3 or landmarks.shape[2] != 2 or landmarks.shape[1] != len(template):
         raise ValueError(f"landmarks must be (N, {len(template)}, 2), got {tuple(landmarks.shape)}")
+    if np.asarray(image_index).reshape(-1).shape[0] != landmarks.shape[0]:
+        raise ValueError(
+            f"image_index has {np.asarray(image_index).size} entries for {landmarks.shape[0]} faces' landmarks"
+        )
     if landmarks.shape[0] == 0:
         return torch.zeros((0, size, size, 3), dtype=torch.uint8, device=torch.device(device))
     if not torch.isfinite(landmarks).all():

@@ -56,6 +56,7 @@ __all__ = [
     "EXPECTED_PARAMETER_COUNT",
     "default_model_path",
     "load_dlib_resnet",
+    "parse_dlib_resnet",
     "read_dlib_resnet",
 ]
 

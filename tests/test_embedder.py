@@ -332,6 +332,8 @@ def test_bad_inputs_are_refused(embedder, astronaut_rgb):
         embedder.align([astronaut_rgb], [1], points)
     with pytest.raises(ValueError, match="landmarks"):
         embedder.align([astronaut_rgb], [0], points[:, :4])
+    with pytest.raises(ValueError, match="2 entries for 1 faces"):
+        embedder.align([astronaut_rgb], [0, 0], points)
     with pytest.raises(ValueError, match="NaN"):
         embedder.align([astronaut_rgb], [0], np.full((1, 5, 2), np.nan))
     with pytest.raises(ValueError, match="chips"):

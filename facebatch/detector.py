@@ -668,7 +668,8 @@ def _round_up(n: int, step: int) -> int:
 def _shelf_pack(pieces: _Pieces, canvas_h: int, canvas_w: int, step: int) -> list[tuple[int, int]]:
     """Next-fit decreasing-height shelf packing of pieces onto canvases of at most
     canvas_h x canvas_w; fills pieces.canvas/y/x and returns each canvas's (height, width),
-    rounded up to `step` so that few distinct shapes occur (oneDNN builds kernels per shape)."""
+    rounded up to `step` (height) and 2 * `step` (width) so that few distinct shapes occur
+    (oneDNN generates kernels per shape)."""
     n = len(pieces.level)
     heights = pieces.height + pieces.height % 2
     widths = pieces.width + pieces.width % 2
@@ -693,7 +694,10 @@ def _shelf_pack(pieces: _Pieces, canvas_h: int, canvas_w: int, step: int) -> lis
         shapes[current][0] = max(shapes[current][0], shelf_y + shelf_h)
         shapes[current][1] = max(shapes[current][1], shelf_x)
     pieces.canvas, pieces.y, pieces.x = canvas, ys, xs
-    return [(min(_round_up(h, step), max(canvas_h, h)), min(_round_up(w, step), max(canvas_w, w))) for h, w in shapes]
+    return [
+        (min(_round_up(h, step), max(canvas_h, h)), min(_round_up(w, 2 * step), max(canvas_w, w)))
+        for h, w in shapes
+    ]
 
 
 # --------------------------------------------------------------------------------------
@@ -716,12 +720,13 @@ def _resolve_device(device) -> torch.device:
 
 
 def _bucket(n: int) -> int:
-    """Batch size rounded up to a multiple of 128 (32 or 64 when small): oneDNN generates
-    kernels per input shape, so a few sizes are reused instead of one per candidate count."""
-    for small in (32, 64):
-        if n <= small:
-            return small
-    return _round_up(n, 128)
+    """Batch size rounded up to 32, 48, 64, 96, 128, 192, 256, ... (powers of two and 1.5x
+    powers of two): oneDNN generates kernels per input shape, so a handful of sizes is
+    reused instead of one per candidate count, for at most a third of padding."""
+    size = 32
+    while size < n:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size // 3 * 4
+    return size
 
 
 class MTCNNDetector:

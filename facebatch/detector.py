@@ -392,20 +392,20 @@ class _IntegralImages:
 
     def sample_boxes(self, image_ids, rs, re, cs, ce) -> torch.Tensor:
         """Area means over per-item bins: rs/re (N, R), cs/ce (N, C) int64 -> (N, R, C, 3)
-        float32, normalised. One gather for all items (used for the R-/O-Net crops)."""
+        float32, normalised. One gather of the four corners of every bin of every item
+        (used for the R-/O-Net crops of all images at once)."""
         dev = self.device
+        n, n_r, n_c = rs.shape[0], rs.shape[1], cs.shape[1]
         stride = torch.as_tensor(self.row_strides, device=dev)[image_ids][:, None]
-        base = torch.as_tensor(self.offsets, device=dev)[image_ids][:, None, None, None]
-        ch = torch.arange(3, device=dev)
-        r0 = (rs * stride)[:, :, None, None] + base
-        r1 = (re * stride)[:, :, None, None] + base
-        c0 = (cs * 3)[:, None, :, None] + ch
-        c1 = (ce * 3)[:, None, :, None] + ch
-        flat = self.flat
-        total = (flat[r1 + c1] - flat[r0 + c1] - flat[r1 + c0] + flat[r0 + c0]).to(torch.float32)
+        base = torch.as_tensor(self.offsets, device=dev)[image_ids][:, None]
+        rows = torch.cat([rs, re], 1) * stride + base  # (N, 2R): offsets of bin top / bottom rows
+        cols = (torch.cat([cs, ce], 1) * 3)[:, :, None] + torch.arange(3, device=dev)  # (N, 2C, 3)
+        index = rows[:, :, None, None] + cols[:, None, :, :]  # (N, 2R, 2C, 3)
+        corners = self.flat[index.view(-1)].view(n, 2, n_r, 2, n_c, 3)
+        total = corners[:, 1, :, 1] - corners[:, 0, :, 1] - corners[:, 1, :, 0] + corners[:, 0, :, 0]
         kh = (re - rs).to(torch.float32)[:, :, None, None]
         kw = (ce - cs).to(torch.float32)[:, None, :, None]
-        return (total / kh / kw - _NORM_MEAN) * _NORM_SCALE
+        return (total.to(torch.float32) / kh / kw - _NORM_MEAN) * _NORM_SCALE
 
 
 def _bins(start, length, n_out: int, device):

@@ -214,9 +214,9 @@ def test_fused_pnet_equals_plain_pnet():
     x = torch.randn(2, 3, 64, 90)
     with torch.inference_mode():
         reg, prob = plain(x)
-        fprob, freg = fused(x.contiguous(memory_format=torch.channels_last))
-    torch.testing.assert_close(fprob, prob[:, 1], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(freg, reg, atol=1e-5, rtol=1e-4)
+        head = fused(x.contiguous(memory_format=torch.channels_last))  # (N, h, w, 6)
+    torch.testing.assert_close(torch.softmax(head[..., :2], -1)[..., 1], prob[:, 1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(head[..., 2:].permute(0, 3, 1, 2), reg, atol=1e-5, rtol=1e-4)
 
 
 def test_fused_pnet_partial_pool_window_fix():
@@ -235,7 +235,8 @@ def test_fused_pnet_partial_pool_window_fix():
     fix_cols = torch.as_tensor(np.arange(n_r) * wp + n_c - 1)
     with torch.inference_mode():
         _, prob = plain(level)
-        fprob, _ = fused(canvas.contiguous(memory_format=torch.channels_last), fix_rows, fix_cols)
+        head = fused(canvas.contiguous(memory_format=torch.channels_last), fix_rows, fix_cols)
+    fprob = torch.softmax(head[..., :2], -1)[..., 1]
     oh, ow = prob.shape[2:]
     torch.testing.assert_close(fprob[0, :oh, :ow], prob[0, 1], atol=1e-5, rtol=1e-4)
 

@@ -921,12 +921,11 @@ class MTCNNDetector:
         self._mark("pnet_nms")
 
         # ---- stage 2: R-Net over the candidates of all images at once ----
-        crops, valid = self._crops(integral, boxes, image_ids, img_h, img_w, 24)
+        sample, n_crops, valid = self._crops(integral, boxes, image_ids, img_h, img_w, 24)
         boxes, image_ids = boxes[valid], image_ids[valid]
-        if boxes.shape[0] == 0:
+        if n_crops == 0:
             return empty
-        self._mark("rnet_crops")
-        reg, prob = self._run_net(self._rnet_fast, crops)
+        reg, prob = self._run_net(self._rnet_fast, sample, n_crops, cpu_chunk=256)
         self._mark("rnet")
         score = prob[:, 1]
         passed = score > self.thresholds[1]
@@ -934,16 +933,16 @@ class MTCNNDetector:
         keep = _batched_nms(boxes, score, image_ids, 0.7)
         boxes, image_ids, reg = boxes[keep], image_ids[keep], reg[keep]
         boxes = _rerec(_bbreg(boxes, reg))
+        self._mark("rnet_nms")
         if boxes.shape[0] == 0:
             return empty
 
         # ---- stage 3: O-Net ----
-        crops, valid = self._crops(integral, boxes, image_ids, img_h, img_w, 48)
+        sample, n_crops, valid = self._crops(integral, boxes, image_ids, img_h, img_w, 48)
         boxes, image_ids = boxes[valid], image_ids[valid]
-        if boxes.shape[0] == 0:
+        if n_crops == 0:
             return empty
-        self._mark("onet_crops")
-        reg, marks, prob = self._run_net(self._onet_fast, crops)
+        reg, marks, prob = self._run_net(self._onet_fast, sample, n_crops, cpu_chunk=64)
         self._mark("onet")
         score = prob[:, 1]
         passed = score > self.thresholds[2]
@@ -956,21 +955,28 @@ class MTCNNDetector:
         boxes = _bbreg(boxes, reg)
         keep = _batched_nms(boxes, score, image_ids, 0.7, mode="min", ties_last_first=True)
         result = boxes[keep].cpu(), score[keep].cpu(), points[keep].cpu(), image_ids[keep].cpu()
-        self._mark("rest")
+        self._mark("onet_nms")
         return result
 
-    def _run_net(self, net, crops):
-        """One forward pass over every crop. On CPU the batch is padded to a bucket size so
-        oneDNN reuses its kernels; outputs are float32."""
-        n = crops.shape[0]
-        if self.device.type == "cpu":
-            padded = _bucket(n)
-            if padded != n:
-                crops = torch.cat([crops, crops.new_zeros((padded - n,) + crops.shape[1:])])
-        crops = crops.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", enabled=self.autocast):
-            outs = net(crops)
-        return tuple(o[:n].float() for o in outs)
+    def _run_net(self, net, sample, n: int, cpu_chunk: int):
+        """One pass of R-/O-Net over the crops of every image; sample(start, stop) cuts crops
+        [start, stop). On CUDA it is one call; on CPU the crops are cut and run in chunks of
+        `cpu_chunk` (3x faster per crop than one huge call, because index tensors and
+        activations stay in cache), the last chunk padded to a bucket size so oneDNN reuses
+        its kernels. Outputs are float32."""
+        if self.device.type != "cpu":
+            crops = sample(0, n).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", enabled=self.autocast):
+                return tuple(o.float() for o in net(crops))
+        outputs = []
+        for start in range(0, n, cpu_chunk):
+            chunk = sample(start, min(n, start + cpu_chunk))
+            size = chunk.shape[0]
+            padded = cpu_chunk if size == cpu_chunk else min(_bucket(size), cpu_chunk)
+            if padded != size:
+                chunk = torch.cat([chunk, chunk.new_zeros((padded - size,) + chunk.shape[1:])])
+            outputs.append([o[:size] for o in net(chunk.contiguous(memory_format=torch.channels_last))])
+        return tuple(torch.cat(parts).float() for parts in zip(*outputs))
 
     def _stage_pnet(self, integral: _IntegralImages, levels: dict):
         """P-Net over every level of every image. Returns candidates (N, 9): window x1, y1,
@@ -1074,7 +1080,8 @@ class MTCNNDetector:
     def _crops(self, integral, boxes, image_ids, img_h, img_w, size: int):
         """facenet-pytorch's pad + crop + area resize, for every box at once.
 
-        Returns normalised crops (N, 3, size, size) and the mask of boxes whose clamped
+        Returns a sampler (start, stop) -> normalised crops (n, 3, size, size) in
+        channels-last memory, the number of crops, and the mask of boxes whose clamped
         region is not empty (the reference skips those)."""
         b = boxes.trunc().to(torch.int64)
         x = b[:, 0].clamp(min=1)
@@ -1083,12 +1090,14 @@ class MTCNNDetector:
         ey = torch.minimum(b[:, 3], img_h[image_ids])
         valid = (ey > y - 1) & (ex > x - 1)
         x, y, ex, ey, ids = x[valid], y[valid], ex[valid], ey[valid], image_ids[valid]
-        if x.numel() == 0:
-            return torch.zeros((0, 3, size, size), device=self.device), valid
         rs, re = _bins(y - 1, ey - y + 1, size, self.device)
         cs, ce = _bins(x - 1, ex - x + 1, size, self.device)
-        crops = integral.sample_boxes(ids, rs, re, cs, ce)
-        return crops.permute(0, 3, 1, 2), valid  # channels-last memory
+
+        def sample(start: int, stop: int) -> torch.Tensor:
+            crops = integral.sample_boxes(ids[start:stop], rs[start:stop], re[start:stop], cs[start:stop], ce[start:stop])
+            return crops.permute(0, 3, 1, 2)
+
+        return sample, int(x.shape[0]), valid
 
 
 def _partial_window_fixes(pieces, group, piece_ids_by_canvas, hc, wc, dev):

@@ -17,18 +17,27 @@ project's reference outputs (``data/reference/mtcnn_facenet_pytorch.json``) come
 What is different is the batching (the reference only batches equal-size images and cuts
 every crop in a Python loop):
 
-* Every pyramid level of every image of the batch is packed into a few large "canvases"
-  (shelf packing, even offsets so the P-Net stride-2 grid lines up). P-Net runs once per
-  canvas, i.e. once for the whole batch unless the canvas memory budget splits it. Outputs
-  whose 12x12 window is not fully inside one level image are masked out; the ceil-mode
-  pooling window that hangs over an odd-sized level is reproduced exactly (see
-  ``_PNetRunner``), so the packed result equals the per-image result.
+* Every pyramid level of every image of the batch is cut into pieces no larger than a
+  canvas (overlapping by the 10 pixels P-Net's 12x12 window needs) and shelf-packed onto
+  canvases at even offsets, so the stride-2 output grid lines up. On CUDA all canvases go
+  through P-Net in one call (split only past ``_gpu_call_pixels``); on CPU each 384x512
+  canvas is one call, because small canvases run ~1.5x faster per pixel there. Outputs
+  whose window is not inside one piece are masked out, and the ceil-mode pooling window
+  that hangs over an odd-sized level is reproduced exactly (``_FastPNet``), so packing and
+  tiling do not change the result. Canvas sizes are rounded to a few shapes because oneDNN
+  generates kernels per shape.
 * All pixel sampling (pyramid levels and the R-Net/O-Net crops) reads one integral image
-  per input, so area averages are exact integer sums divided by counts, the same numbers
-  ``F.interpolate(mode="area")`` produces, and every crop of every image is cut by one
-  gather.
-* R-Net and O-Net each run once over the candidates of all images; NMS is a vectorised
-  greedy NMS over candidate pairs, per image (or per image and level).
+  per input, so area averages are exact integer sums divided by the bin sizes: bit for bit
+  what ``F.interpolate(mode="area")`` computes. The crops of all boxes of all images are cut
+  by one gather.
+* R-Net and O-Net each run once over the candidates of all images (on CPU in cache-sized
+  chunks of 256 / 64 crops, padded to a few bucket sizes); NMS is a vectorised greedy NMS
+  over candidate pairs found by a sweep, per image (or per image and level), with the
+  reference's tie-breaking.
+
+Results match the reference's JSON on the shared corpus face for face (see
+tests/test_detector_parity.py). Per-stage seconds of the last call are in
+``MTCNNDetector.last_stage_seconds``.
 """
 
 from __future__ import annotations
@@ -745,7 +754,10 @@ class MTCNNDetector:
     per image: a bigger image is downscaled for detection and the results are mapped back to
     its own pixels. ``None`` processes every image at full resolution.
 
-    One detector holds reusable buffers: use one per thread.
+    The detector never changes torch's global settings: the caller decides
+    ``torch.set_num_threads``. It keeps reusable buffers between calls (the integral images
+    take 12 bytes per pixel of the largest batch seen), and calls are serialised by a lock:
+    for parallelism use one detector per thread or process.
     """
 
     def __init__(

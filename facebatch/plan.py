@@ -84,10 +84,19 @@ def _listing_batches(config: IndexConfig) -> Iterator[pa.RecordBatch]:
         buffer.clear()
         return batch
 
-    for obj in storage.list_objects(location, config.s3_endpoint_url()):
-        buffer.append(obj)
-        if len(buffer) >= LISTING_CHUNK:
-            yield flush()
+    try:
+        for obj in storage.list_objects(location, config.s3_endpoint_url()):
+            buffer.append(obj)
+            if len(buffer) >= LISTING_CHUNK:
+                yield flush()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"SOURCE {config.source}: {exc}") from exc
+    except Exception as exc:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(exc, (ClientError, BotoCoreError)):
+            raise ConfigError(f"cannot list SOURCE {config.source}: {exc}") from exc
+        raise
     if buffer:
         yield flush()
 

@@ -307,3 +307,10 @@ def test_recovery_leaves_a_live_run_alone(tmp_path):
     (staging / "HEARTBEAT").write_text(json.dumps({"host": socket.gethostname(), "pid": other_driver.pid, "time": 0}))
     assert tables.recover_staging(location) == [{"run_id": "run-live", "action": "discarded"}]
     assert not staging.exists()
+
+
+def test_unlistable_sources_fail_fast(tmp_path, s3_server):
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_plan(IndexConfig(source=str(tmp_path / "nope"), out=str(tmp_path / "out")).validate(), "v")
+    with pytest.raises(ConfigError, match="cannot list SOURCE s3://no-such-bucket/photos: .*NoSuchBucket"):
+        build_plan(IndexConfig(source="s3://no-such-bucket/photos", out=str(tmp_path / "out")).validate(), "v")

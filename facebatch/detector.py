@@ -614,7 +614,7 @@ class _FastPNet(nn.Module):
         if fix_cols is not None and fix_cols.numel():
             g[fix_cols, 1] = g[fix_cols, 0]
             g[fix_cols, 3] = g[fix_cols, 2]
-        g = F.prelu(o, self.a1).permute(0, 2, 3, 1).view(k * hp * wp, 4, 10)
+        g = F.prelu(o, self.a1).permute(0, 2, 3, 1).reshape(k * hp * wp, 4, 10)
         pairs = torch.maximum(g[:, 0:2], g[:, 2:4])
         pooled = torch.maximum(pairs[:, 0], pairs[:, 1])
         y = pooled.view(k, hp, wp, 10).permute(0, 3, 1, 2)  # channels-last memory
@@ -728,6 +728,8 @@ def _resolve_device(device) -> torch.device:
         raise ValueError(f"device {device!r} requested but CUDA is not available")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())  # buffers compare equal
     return dev
 
 
@@ -1018,7 +1020,8 @@ class MTCNNDetector:
                     self._fill_piece(integral, levels, level_bins, pieces, int(p), batch[k])
             fix_rows, fix_cols = _partial_window_fixes(pieces, group, piece_ids_by_canvas, hc, wc, dev)
             self._mark("pyramid")
-            head = self._fast_pnet(batch.permute(0, 3, 1, 2), fix_rows, fix_cols)
+            with torch.autocast("cuda", enabled=self.autocast):
+                head = self._fast_pnet(batch.permute(0, 3, 1, 2), fix_rows, fix_cols)
             self._mark("pnet")
             boxes, lvl, key = self._candidates(head, pieces, group, piece_ids_by_canvas, levels)
             if boxes is not None:

@@ -143,7 +143,12 @@ def main() -> None:
     print(f"{'  of which detect / embed':34s} {bare['detect_s']:9.2f} / {bare['embed_s']:.2f}")
     print(f"{'end to end: processing':34s} {sec['process']:9.2f} {n / sec['process']:9.2f}")
     print(f"{'end to end: whole command':34s} {wall:9.2f} {n / wall:9.2f}  (plan {sec['plan']:.2f} s, Ray start + model load included)")
+    steady = record.get("steady_images_per_second")
+    if steady:
+        print(f"{'end to end: after first results':34s} {'':9s} {steady:9.2f}  (first results after {record['first_results_s']:.2f} s)")
     print(f"{'ratio processing / bare':34s} {sec['process'] / bare['seconds']:9.2f}")
+    if steady:
+        print(f"{'ratio after first results / bare':34s} {(n / bare['seconds']) / steady:9.2f}")
     print("stage seconds summed over workers: " + ", ".join(f"{k} {v:.2f}" for k, v in sec.items() if k.endswith("_cpu_sum")))
     print(f"faces: bare {bare['faces']}, end to end {record['faces']}; statuses {record['images_by_status']}")
     print(f"peak RSS driver + Ray workers: {peak:.0f} MiB; model load {bare['load_s']:.2f} s")

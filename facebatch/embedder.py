@@ -43,6 +43,7 @@ import torch
 
 from facebatch.alignment import CHIP_SIZE, MTCNN_TEMPLATE, align_faces
 from facebatch.dlib_model import DlibResNet, load_dlib_resnet
+from facebatch.models import resolve_device
 
 __all__ = ["COSINE_THRESHOLD", "EMBEDDING_DIM", "FaceEmbedder", "resolve_device"]
 
@@ -52,16 +53,6 @@ EMBEDDING_DIM = 128
 COSINE_THRESHOLD = 0.93
 
 _AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' -> the first CUDA device when there is one, else the CPU."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
-    return resolved
 
 
 class FaceEmbedder:

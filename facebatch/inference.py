@@ -14,14 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DetectorParams
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but torch sees no CUDA GPU (torch {torch.__version__})")
-    return device
+from .models import resolve_device
 
 
 @dataclass
@@ -91,7 +84,7 @@ class FaceAnalyzer:
     ):
         from .detector import MTCNNDetector
 
-        self.device = resolve_device(device)
+        self.device = str(resolve_device(device))
         params = detector_params or DetectorParams()
         t0 = time.perf_counter()
         detector_kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}

@@ -46,6 +46,34 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class DeviceUnavailable(RuntimeError, ValueError):
+    """The requested device does not exist here (e.g. 'cuda' on a machine without a GPU)."""
+
+
+def resolve_device(device=None):
+    """'auto' (or None) -> the first CUDA device when torch sees one, else the CPU; 'cuda' -> cuda:N.
+
+    One rule for the detector, the embedder and the Ray actors, so they never disagree."""
+    import torch
+
+    if isinstance(device, torch.device):
+        dev = device
+    elif device is None or device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise ValueError(f"unsupported device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable(f"device {device!r} requested but CUDA is not available to torch {torch.__version__}")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())  # so that buffers compare equal
+    return dev
+
+
 def model_hashes(embed: bool = True) -> dict[str, str]:
     hashes = {f"mtcnn_{name}": sha256_file(path) for name, path in mtcnn_weight_paths().items()}
     if embed:

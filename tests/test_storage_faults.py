@@ -47,3 +47,41 @@ def test_missing_object_is_not_retried(proxy):
 def test_listing_through_the_proxy(proxy):
     listed = [o.uri for o in storage.list_objects(storage.parse_location("s3://faults/photos/"), proxy.endpoint)]
     assert listed == ["s3://faults/photos/broken-1.jpg", "s3://faults/photos/flaky-1.jpg", "s3://faults/photos/ok.jpg"]
+
+
+@pytest.mark.slow
+def test_index_through_a_faulty_s3_gives_error_rows_and_goes_on(proxy, tmp_path):
+    """End to end through the proxy: a throttled photo is indexed, one that keeps failing gets a
+    fetch_failed row, and the run succeeds."""
+    import io
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buf, "JPEG")
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=proxy.endpoint, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    for key in ("flaky-2.jpg", "broken-2.jpg", "fine.jpg"):
+        client.put_object(Bucket="faults", Key=f"run/{key}", Body=buf.getvalue())
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "facebatch.cli", "index", "s3://faults/run", "--out", str(tmp_path / "out"),
+         "--s3-endpoint", proxy.endpoint, "--fetch-retries", "2", "--object-store-memory", str(200 * 2**20)],
+        cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    import duckdb
+
+    rows = dict(duckdb.sql(f"SELECT uri, status || ':' || coalesce(error, '') FROM read_parquet('{tmp_path}/out/images/*.parquet')").fetchall())
+    assert rows["s3://faults/run/fine.jpg"] == "ok:"
+    assert rows["s3://faults/run/flaky-2.jpg"] == "ok:"
+    assert rows["s3://faults/run/broken-2.jpg"].startswith("fetch_failed:S3 InternalError")
+    assert proxy.failures_served["/faults/run/flaky-2.jpg"] == 3

@@ -26,17 +26,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from facebatch.detector import MTCNNDetector  # noqa: E402
+from facebatch.evaluation import box_iou  # noqa: E402
 
 SHARED = Path(os.environ.get("FACEBATCH_SHARED_DATA", REPO.parent / "shared" / "data"))
-
-
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = iw * ih
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
 def score_image(detections: np.ndarray, gt: np.ndarray, ignore: np.ndarray, min_iou: float):
@@ -46,7 +38,7 @@ def score_image(detections: np.ndarray, gt: np.ndarray, ignore: np.ndarray, min_
         return 0, 0, counted
     if len(gt) == 0:
         return 0, len(detections), counted
-    iou = iou_matrix(detections, gt)
+    iou = box_iou(detections, gt)
     det_used = np.zeros(len(detections), bool)
     gt_used = np.zeros(len(gt), bool)
     for flat in np.argsort(-iou, axis=None):

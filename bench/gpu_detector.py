@@ -34,9 +34,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from facebatch.detector import MTCNNDetector  # noqa: E402
+from facebatch.evaluation import parity_ok, reference_parity  # noqa: E402
 
 SHARED = Path(os.environ.get("FACEBATCH_SHARED_DATA", REPO.parent / "shared" / "data"))
-CONFIDENT, MATCH_IOU = 0.9, 0.9
 
 
 def load_reference_images(limit):
@@ -57,45 +57,13 @@ def load_reference_images(limit):
     return images, faces
 
 
-def box_iou(a, b):
-    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = iw * ih
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
-
-
 def parity(results, ref_faces_list):
-    ref_confident = matched = extra = 0
-    landmark_errors = []
-    for ours, ref_faces in zip(results, ref_faces_list):
-        ref_boxes = np.array([f["box"] for f in ref_faces], np.float64).reshape(-1, 4)
-        ref_scores = np.array([f["score"] for f in ref_faces], np.float64)
-        ref_marks = np.array([f["landmarks"] for f in ref_faces], np.float64).reshape(-1, 5, 2)
-        conf = ref_scores >= CONFIDENT
-        ref_confident += int(conf.sum())
-        iou = box_iou(ref_boxes, ours.boxes.astype(np.float64))
-        used_ours = set()
-        if iou.size:
-            iou = iou.copy()
-            while True:
-                i, j = np.unravel_index(np.argmax(iou), iou.shape)
-                if iou[i, j] < MATCH_IOU:
-                    break
-                used_ours.add(int(j))
-                if conf[i]:
-                    matched += 1
-                    err = np.linalg.norm(ours.landmarks[j].astype(np.float64) - ref_marks[i], axis=1).mean()
-                    landmark_errors.append(err / (ref_boxes[i, 2] - ref_boxes[i, 0]))
-                iou[i, :] = -1
-                iou[:, j] = -1
-        extra += sum(1 for j in range(len(ours)) if ours.scores[j] >= CONFIDENT and j not in used_ours)
-    recall = matched / max(ref_confident, 1)
-    landmark = float(np.mean(landmark_errors)) if landmark_errors else 0.0
-    extra_frac = extra / max(ref_confident, 1)
-    ok = recall >= 0.98 and landmark <= 0.03 and extra_frac <= 0.02
-    return ok, f"{matched}/{ref_confident} matched ({recall:.4f}), landmarks {landmark:.5f} of width, extra {extra} ({extra_frac:.4f})"
+    stats = reference_parity(results, ref_faces_list)
+    return parity_ok(stats), (
+        f"{stats['matched']}/{stats['reference_faces']} matched ({stats['recall_vs_reference']:.4f}), "
+        f"landmarks {stats['mean_landmark_error_frac_width']:.5f} of width, "
+        f"extra {stats['extra_confident']} ({stats['extra_frac']:.4f})"
+    )
 
 
 def detect_all(detector, images, batch_size):

@@ -50,8 +50,6 @@ def build_test_archive(shared_root: Path | None, scratch: Path) -> TestArchive:
 
 
 def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    from facebatch.evaluation import box_iou
+
+    return float(box_iou([a], [b])[0, 0])

@@ -55,6 +55,8 @@ def add_index_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=_positive_int, help="images per inference batch (default 64 on GPU, 16 on CPU)")
     group.add_argument("--num-actors", type=_positive_int, help="inference actors (default: one per GPU, or one per 4 CPUs)")
     group.add_argument("--read-concurrency", type=_positive_int, help="concurrent fetch+decode tasks")
+    group.add_argument("--decode-tasks", action=argparse.BooleanOptionalAction, default=None,
+                       help="fetch+decode in separate Ray tasks (default on GPU clusters) or in the inference actors (default on CPU)")
     group.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, or a local Ray instance)")
     group.add_argument("--object-store-memory", type=_positive_int, help="object store bytes when starting a local Ray instance")
     group = parser.add_argument_group("incremental")
@@ -79,6 +81,7 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
         batch_size=args.batch_size,
         num_actors=args.num_actors,
         read_concurrency=args.read_concurrency,
+        decode_tasks=args.decode_tasks,
         fetch_retries=args.fetch_retries,
         full=args.full,
         reprocess_errors=args.reprocess_errors,

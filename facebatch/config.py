@@ -55,6 +55,9 @@ class IndexConfig:
     batch_size: int | None = None
     num_actors: int | None = None
     read_concurrency: int | None = None
+    # Fetch + decode in separate Ray tasks (True) or inside the inference actors (False);
+    # None = separate on GPU clusters (keeps the GPUs fed), inside the actors on CPU-only ones.
+    decode_tasks: bool | None = None
     # Fetch retries (S3 throttling / 5xx, flaky disks) before an object gets an error row.
     fetch_retries: int = 5
     # Incremental behaviour.

@@ -328,7 +328,7 @@ def default_sizing(config: IndexConfig, resources: dict[str, float]) -> dict[str
             "torch_threads": None,
             "batch_size": config.batch_size or 64,
             # Separate decode tasks keep the GPUs fed: everything but one CPU per actor decodes.
-            "decode_in_actor": False,
+            "decode_in_actor": config.decode_tasks is False,
             "read_concurrency": config.read_concurrency or max(1, cpus - num_actors),
         }
     # CPU: no accelerator to keep fed, and separate decode tasks would only compete with torch's
@@ -336,7 +336,10 @@ def default_sizing(config: IndexConfig, resources: dict[str, float]) -> dict[str
     # with decoding in the actor). So each actor owns its cores and fetches + decodes its batches
     # itself; parallelism comes from more actors (one per 4 cores).
     num_actors = config.num_actors or max(1, cpus // 4)
-    actor_cpus = max(1, cpus // num_actors)
+    decode_in_actor = config.decode_tasks is not True
+    # With separate decode tasks (--decode-tasks), a quarter of the cores is left to them.
+    read_cpus = 0 if decode_in_actor else max(1, cpus // 4)
+    actor_cpus = max(1, (cpus - read_cpus) // num_actors)
     return {
         "device": "cpu",
         "num_actors": num_actors,
@@ -344,8 +347,8 @@ def default_sizing(config: IndexConfig, resources: dict[str, float]) -> dict[str
         "actor_cpus": actor_cpus,
         "torch_threads": actor_cpus,
         "batch_size": config.batch_size or 16,
-        "decode_in_actor": True,
-        "read_concurrency": None,
+        "decode_in_actor": decode_in_actor,
+        "read_concurrency": None if decode_in_actor else (config.read_concurrency or read_cpus),
     }
 
 

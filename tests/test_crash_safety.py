@@ -19,12 +19,12 @@ REPO = Path(__file__).resolve().parent.parent
 CRASH_POINTS = ["write-after-first-batch", "staged-before-record", "staged-after-record", "publish-after-faces"]
 
 
-def index(source: Path, out: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def index(source: Path, out: Path, extra_env: dict[str, str] | None = None, *extra_args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
         [sys.executable, "-m", "facebatch.cli", "index", str(source), "--out", str(out), "--max-side", "1024",
-         "--batch-size", "2", "--object-store-memory", str(200 * 1024 * 1024)],
+         "--batch-size", "2", "--object-store-memory", str(200 * 1024 * 1024), *extra_args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
 
@@ -80,8 +80,10 @@ def test_driver_killed_then_rerun_matches_uninterrupted_run(archive_and_baseline
 def test_killed_actor_and_read_task_lose_nothing(archive_and_baseline, tmp_path):
     source, images, faces = archive_and_baseline
     actor_marker, task_marker = tmp_path / "actor-killed", tmp_path / "task-killed"
+    # --decode-tasks: fetch + decode in separate Ray tasks (as on GPU clusters), so both kinds of
+    # worker are really there to kill.
     run = index(source, tmp_path / "out", {"FACEBATCH_FAULT_KILL_ACTOR_ONCE": str(actor_marker),
-                                           "FACEBATCH_FAULT_KILL_READ_TASK_ONCE": str(task_marker)})
+                                           "FACEBATCH_FAULT_KILL_READ_TASK_ONCE": str(task_marker)}, "--decode-tasks")
     assert run.returncode == 0, run.stderr[-4000:]
     assert actor_marker.exists() and task_marker.exists()  # the faults really happened
     assert visible(tmp_path / "out") == (images, faces)

@@ -314,3 +314,19 @@ def test_unlistable_sources_fail_fast(tmp_path, s3_server):
         build_plan(IndexConfig(source=str(tmp_path / "nope"), out=str(tmp_path / "out")).validate(), "v")
     with pytest.raises(ConfigError, match="cannot list SOURCE s3://no-such-bucket/photos: .*NoSuchBucket"):
         build_plan(IndexConfig(source="s3://no-such-bucket/photos", out=str(tmp_path / "out")).validate(), "v")
+
+
+def test_default_sizing_follows_the_cluster():
+    from facebatch.pipeline import default_sizing
+
+    cfg = IndexConfig(source="/x", out="/y").validate()
+    cpu = default_sizing(cfg, {"CPU": 16})
+    assert cpu["device"] == "cpu" and cpu["num_actors"] == 4 and cpu["actor_cpus"] == 4 and cpu["decode_in_actor"]
+    tasks = default_sizing(IndexConfig(source="/x", out="/y", decode_tasks=True).validate(), {"CPU": 2})
+    # Never more CPUs asked than the cluster has: the decode task must still find a core.
+    assert tasks["actor_cpus"] * tasks["num_actors"] + tasks["read_concurrency"] <= 2
+    gpu = default_sizing(cfg, {"CPU": 32, "GPU": 4})
+    assert gpu["device"] == "cuda" and gpu["num_actors"] == 4 and gpu["num_gpus"] == 1 and not gpu["decode_in_actor"]
+    assert gpu["read_concurrency"] == 28 and gpu["batch_size"] == 64
+    with pytest.raises(RuntimeError, match="has none"):
+        default_sizing(IndexConfig(source="/x", out="/y", device="cuda").validate(), {"CPU": 8})

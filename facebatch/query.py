@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 import duckdb
 
-from . import storage
+from . import storage, tables
 
 
 def extension_file(name: str) -> Path | None:
@@ -63,7 +63,13 @@ def connect(out: str, endpoint: str | None = None, database: str = ":memory:") -
     location = storage.parse_location(out)
     if location.is_s3:
         configure_s3(con, endpoint)
-    for name in ("images", "faces"):
+    for name, schema in tables.TABLES.items():
+        if not tables.list_table_files(location, name, endpoint):
+            # A new OUT, or no face found yet: an empty table with the contract's columns.
+            con.register(f"_empty_{name}", schema.empty_table())
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM _empty_{name}")
+            continue
         glob = location.join(name).uri().rstrip("/") + "/*.parquet"
-        con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{glob}')")
+        literal = glob.replace("'", "''")  # paths may contain quotes
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{literal}')")
     return con

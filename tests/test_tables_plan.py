@@ -330,3 +330,14 @@ def test_default_sizing_follows_the_cluster():
     assert gpu["read_concurrency"] == 28 and gpu["batch_size"] == 64
     with pytest.raises(RuntimeError, match="has none"):
         default_sizing(IndexConfig(source="/x", out="/y", device="cuda").validate(), {"CPU": 8})
+
+
+def test_query_connect_on_an_index_without_faces(tmp_path):
+    from facebatch.query import connect
+
+    out = tmp_path / "it's here"  # a quote in the path, too
+    _publish(str(out), "run-1", ["a", "b"], ["e", "e"], ["corrupt", "not_image"])
+    con = connect(str(out))
+    assert con.sql("SELECT count(*) FROM images").fetchone()[0] == 2
+    assert con.sql("SELECT count(*) FROM faces").fetchone()[0] == 0
+    assert "embedding" in [c[0] for c in con.sql("DESCRIBE faces").fetchall()]

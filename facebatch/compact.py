@@ -21,6 +21,7 @@ from typing import Any
 
 import duckdb
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import storage, tables
@@ -35,7 +36,8 @@ def _fs_location(out: storage.Location, fs_path: str) -> storage.Location:
     return storage.Location("file", "", fs_path)
 
 
-def finish_compaction(out: storage.Location, compaction_id: str, endpoint: str | None = None) -> bool:
+def finish_compaction(out: storage.Location, compaction_id: str, endpoint: str | None = None,
+                      heartbeat: "tables.Heartbeat | None" = None) -> bool:
     """Complete a journaled swap (idempotent). Returns False when there is no journal."""
     fs = storage.arrow_filesystem(out, endpoint)
     journal = tables.read_json(fs, out.join("_staging", compaction_id, "compact.json"))
@@ -43,11 +45,17 @@ def finish_compaction(out: storage.Location, compaction_id: str, endpoint: str |
         return False
     for item in journal["add"]:
         tables._move(out, _fs_location(out, item["staged"]), _fs_location(out, item["final"]), endpoint)
+    missing = [item["final"] for item in journal["add"] if fs.get_file_info(item["final"]).type != pafs.FileType.File]
+    if missing:
+        # Never remove the old files unless every merged file is in place.
+        raise RuntimeError(f"compaction {compaction_id}: merged files missing ({', '.join(missing[:3])}); old files kept")
     for old in journal["remove"]:
         try:
             fs.delete_file(old)
         except (FileNotFoundError, OSError):
             pass
+    if heartbeat is not None:
+        heartbeat.stop()
     try:
         fs.delete_dir(out.join("_staging", compaction_id).fs_path())
     except (FileNotFoundError, OSError):
@@ -60,6 +68,11 @@ def compact(out_uri: str, target_rows: int = 2_000_000, endpoint: str | None = N
     fs = storage.arrow_filesystem(out, endpoint)
     tables.recover_staging(out, endpoint)
     compaction_id = "compact-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    # Like an indexing run, a compaction heartbeats its staging folder so that no run started
+    # meanwhile takes it for a crash's leftovers.
+    heartbeat_location = out.join("_staging", compaction_id, "HEARTBEAT")
+    tables.ensure_parent_dir(fs, out, heartbeat_location.fs_path())
+    heartbeat = tables.Heartbeat(fs, heartbeat_location)
     journal: dict[str, list] = {"add": [], "remove": []}
     report: dict[str, Any] = {"compaction_id": compaction_id, "tables": {}}
     t0 = time.perf_counter()
@@ -93,8 +106,15 @@ def compact(out_uri: str, target_rows: int = 2_000_000, endpoint: str | None = N
         con.close()
         journal["remove"].extend(files)
         report["tables"][name] = {"files_before": len(files), "files_after": part, "rows": total}
-    if journal["add"] or journal["remove"]:
-        tables.write_json(fs, out.join("_staging", compaction_id, "compact.json"), journal)
-        finish_compaction(out, compaction_id, endpoint)
+    try:
+        if journal["add"] or journal["remove"]:
+            tables.write_json(fs, out.join("_staging", compaction_id, "compact.json"), journal)
+            # On success this removes the staging folder; on failure the journal stays for recovery.
+            finish_compaction(out, compaction_id, endpoint, heartbeat)
+        else:
+            heartbeat.stop()
+            fs.delete_dir(out.join("_staging", compaction_id).fs_path())
+    finally:
+        heartbeat.stop()
     report["seconds"] = round(time.perf_counter() - t0, 3)
     return report

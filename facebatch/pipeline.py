@@ -355,6 +355,19 @@ def default_sizing(config: IndexConfig, resources: dict[str, float]) -> dict[str
 def run_index(config: IndexConfig, ray_address: str | None = None, object_store_memory: int | None = None,
               progress: bool = True, on_batch: Callable[[int, int, float], None] | None = None) -> RunSummary:
     """Plan, run and publish one indexing run. Raises on failure of the run itself (not of single objects)."""
+    before = tables.active_heartbeats()
+    try:
+        return _run_index(config, ray_address, object_store_memory, progress, on_batch)
+    except BaseException:
+        # A failed run stops beating, so that the next run (from this long-lived process or
+        # another machine) may finish or discard what it staged.
+        for heartbeat in tables.active_heartbeats() - before:
+            heartbeat.stop()
+        raise
+
+
+def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory: int | None,
+               progress: bool, on_batch: Callable[[int, int, float], None] | None) -> RunSummary:
     import ray
 
     from .plan import build_plan
@@ -502,7 +515,6 @@ def run_index(config: IndexConfig, ray_address: str | None = None, object_store_
     tables.fault_point("staged-before-record")
     tables.write_json(fs, out.join("_staging", run_id, "record.json"), record)
     tables.fault_point("staged-after-record")
-    writer.stop_heartbeat()  # publishing deletes the staging folder; no beat may recreate it
-    tables.publish_run(out, run_id, record, endpoint)
+    tables.publish_run(out, run_id, record, endpoint, heartbeat=writer.heartbeat)
     plan.cleanup()
     return RunSummary(run_id=run_id, pipeline_version=version, out=config.out, record=record)

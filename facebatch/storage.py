@@ -45,11 +45,13 @@ class Location:
 
 
 def parse_location(uri: str) -> Location:
-    parsed = urlparse(uri)
-    if parsed.scheme in ("s3", "s3a"):
-        if not parsed.netloc:
+    if uri.startswith(("s3://", "s3a://")):
+        # Not urlparse: S3 keys may contain '#', '?' and ';', which are not URL syntax here.
+        bucket, _, key = uri.split("://", 1)[1].partition("/")
+        if not bucket:
             raise ValueError(f"{uri!r} has no bucket: write s3://bucket/prefix")
-        return Location("s3", parsed.netloc, parsed.path.lstrip("/"))
+        return Location("s3", bucket, key.lstrip("/"))
+    parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         return Location("file", "", os.path.abspath(parsed.path if parsed.scheme else uri))
     raise ValueError(f"unsupported URI scheme {parsed.scheme!r} in {uri!r}: use a local path or s3://")

@@ -100,6 +100,7 @@ class Heartbeat:
 
         self.fs, self.path = fs, location.fs_path()
         self._stop = threading.Event()
+        _ACTIVE_HEARTBEATS.add(self)
         self._beat()
         self._thread = threading.Thread(target=self._loop, name="facebatch-heartbeat", daemon=True)
         self._thread.start()
@@ -118,6 +119,14 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        _ACTIVE_HEARTBEATS.discard(self)
+
+
+_ACTIVE_HEARTBEATS: set[Heartbeat] = set()
+
+
+def active_heartbeats() -> set[Heartbeat]:
+    return set(_ACTIVE_HEARTBEATS)
 
 
 def _is_live(fs: pafs.FileSystem, out: storage.Location, run_id: str) -> bool:
@@ -156,6 +165,10 @@ class RunWriter:
 
     def __post_init__(self) -> None:
         self.fs = storage.arrow_filesystem(self.out, self.endpoint)
+        # The heartbeat comes first: a staging folder without one looks abandoned to other runs.
+        heartbeat = staging_location(self.out, self.run_id, "HEARTBEAT")
+        ensure_parent_dir(self.fs, self.out, heartbeat.fs_path())
+        self.heartbeat = Heartbeat(self.fs, heartbeat)
         for name, schema in TABLES.items():
             path = staging_location(self.out, self.run_id, name).fs_path()
             ensure_parent_dir(self.fs, self.out, path)
@@ -173,7 +186,6 @@ class RunWriter:
             self.staged[name] = StagedTable(name, path, writer)
             self._buffers[name] = []
             self._buffered_rows[name] = 0
-        self._heartbeat = Heartbeat(self.fs, staging_location(self.out, self.run_id, "HEARTBEAT"))
 
     def write(self, name: str, table: pa.Table) -> None:
         if table.num_rows == 0:
@@ -198,9 +210,6 @@ class RunWriter:
         self.staged[name].rows += table.num_rows
         self._buffers[name] = []
         self._buffered_rows[name] = 0
-
-    def stop_heartbeat(self) -> None:
-        self._heartbeat.stop()
 
     def close(self) -> dict[str, int]:
         for name in self.staged:
@@ -231,8 +240,10 @@ def _move(out: storage.Location, src: storage.Location, dst: storage.Location, e
         client = storage.s3_client(endpoint)
         try:
             client.head_object(Bucket=src.bucket, Key=src.path)
-        except ClientError:
-            return
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return  # moved by an earlier attempt
+            raise  # throttling, 5xx, no access: the publish fails and the next run finishes it
         # Managed copy: multipart for objects over 5 GB; the destination appears on completion.
         client.copy({"Bucket": src.bucket, "Key": src.path}, dst.bucket, dst.path)
         client.delete_object(Bucket=src.bucket, Key=src.path)
@@ -273,12 +284,12 @@ def remove_superseded(out: storage.Location, run_id: str, endpoint: str | None =
     staged_images = staging_location(out, run_id, "images").fs_path()
     try:
         replaced = pq.read_table(staged_images, columns=["image_id", "pipeline_version", "status"], filesystem=fs)
-    except (FileNotFoundError, OSError):
-        return 0  # already published: its supersede step ran before
+    except FileNotFoundError:
+        return 0  # already published: its supersede step ran before (other errors abort the publish)
     pruned = None
     try:
         pruned = pq.read_table(out.join("_staging", run_id, "prune.parquet").fs_path(), filesystem=fs)["image_id"].combine_chunks()
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:
         pass
     if replaced.num_rows == 0 and (pruned is None or len(pruned) == 0):
         return 0
@@ -311,8 +322,12 @@ def remove_superseded(out: storage.Location, run_id: str, endpoint: str | None =
     return removed
 
 
-def publish_run(out: storage.Location, run_id: str, record: dict[str, Any], endpoint: str | None = None) -> None:
-    """Make a staged run visible (faces, then images), then write its run record. Idempotent."""
+def publish_run(out: storage.Location, run_id: str, record: dict[str, Any], endpoint: str | None = None,
+                heartbeat: "Heartbeat | None" = None) -> None:
+    """Make a staged run visible (faces, then images), then write its run record. Idempotent.
+
+    The run's heartbeat (when given) keeps beating while it publishes, so that no other run takes
+    a slow publish for an abandoned one; it stops just before the staging folder is deleted."""
     fs = storage.arrow_filesystem(out, endpoint)
     record = dict(record, superseded_rows_removed=remove_superseded(out, run_id, endpoint))
     fault_point("publish-after-supersede")
@@ -324,6 +339,8 @@ def publish_run(out: storage.Location, run_id: str, record: dict[str, Any], endp
         fault_point(f"publish-after-{name}")
     record = dict(record, state="published", published_at=time.time())
     write_json(fs, out.join("_runs", f"{run_id}.json"), record)
+    if heartbeat is not None:
+        heartbeat.stop()
     _delete_tree(fs, out.join("_staging", run_id))
 
 
@@ -336,7 +353,7 @@ def ensure_parent_dir(fs: pafs.FileSystem, location: storage.Location, fs_path: 
 def _num_rows(fs: pafs.FileSystem, location: storage.Location) -> int | None:
     try:
         return pq.ParquetFile(location.fs_path(), filesystem=fs).metadata.num_rows
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:
         return None
 
 
@@ -387,6 +404,9 @@ def recover_staging(out: storage.Location, endpoint: str | None = None) -> list[
         if entry.type != pafs.FileType.Directory:
             continue
         run_id = entry.base_name
+        if _is_live(fs, out, run_id):
+            actions.append({"run_id": run_id, "action": "left alone: another run is writing it"})
+            continue
         if run_id.startswith("compact-"):
             from .compact import finish_compaction
 
@@ -394,9 +414,6 @@ def recover_staging(out: storage.Location, endpoint: str | None = None) -> list[
             if not finished:
                 _delete_tree(fs, out.join("_staging", run_id))
             actions.append({"run_id": run_id, "action": "finished compaction" if finished else "discarded compaction"})
-            continue
-        if _is_live(fs, out, run_id):
-            actions.append({"run_id": run_id, "action": "left alone: another run is writing it"})
             continue
         ready = read_json(fs, staging_location(out, run_id, "READY"))
         staged_record = read_json(fs, out.join("_staging", run_id, "record.json"))

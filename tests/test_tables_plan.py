@@ -341,3 +341,12 @@ def test_query_connect_on_an_index_without_faces(tmp_path):
     assert con.sql("SELECT count(*) FROM images").fetchone()[0] == 2
     assert con.sql("SELECT count(*) FROM faces").fetchone()[0] == 0
     assert "embedding" in [c[0] for c in con.sql("DESCRIBE faces").fetchall()]
+
+
+def test_s3_keys_with_url_characters_keep_their_names():
+    for key in ("photos/a#1.jpg", "photos/what?.jpg", "photos/x;y.jpg", "photos/ü 2.jpg"):
+        location = storage.parse_location(f"s3://bucket/{key}")
+        assert (location.bucket, location.path) == ("bucket", key)
+        assert location.uri() == f"s3://bucket/{key}"
+    with pytest.raises(ValueError, match="no bucket"):
+        storage.parse_location("s3:///photos")

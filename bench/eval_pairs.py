@@ -142,11 +142,13 @@ def main() -> None:
     found = [k for k in keys if landmarks[k] is not None]
 
     embedder = FaceEmbedder(device="cpu")
+    plain = FaceEmbedder(device="cpu", flip_average=False)
     image_list = [images[k] for k in found]
     points = np.stack([landmarks[k] for k in found]).astype(np.float32)
     start = time.perf_counter()
     vectors = embedder.embed(image_list, np.arange(len(found)), points)
     embed_s = time.perf_counter() - start
+    without_flip = plain.embed(image_list, np.arange(len(found)), points)
     without_aa = FaceEmbedder(device="cpu", antialias=False).embed(image_list, np.arange(len(found)), points)
     raw = embedder.raw_descriptors(embedder.align(image_list, np.arange(len(found)), points))
 
@@ -164,6 +166,7 @@ def main() -> None:
     dlib_scores = np.array([-np.linalg.norm(dlib_vectors[p["a"]] - dlib_vectors[p["b"]]) for p in pairs])
     rows = [
         summarise(f"ours ({args.landmarks} landmarks), cosine", cosine(vectors), same, embedder.threshold),
+        summarise(f"ours, no flip averaging", cosine(without_flip), same, embedder.threshold),
         summarise(f"ours, no pyramid antialiasing", cosine(without_aa), same, embedder.threshold),
         summarise("dlib 20.0.1 reference, -euclidean", dlib_scores, same, -0.6),
     ]

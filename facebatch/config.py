@@ -112,7 +112,8 @@ def pipeline_version(model_hashes: dict[str, str], config: IndexConfig) -> str:
         "detector": dataclasses.asdict(config.detector),
         "max_side": config.max_side,
         "embed": config.embed,
-        "schema": 1,
+        # 2: embeddings are flip-averaged (facebatch.embedder), a different vector per face.
+        "schema": 2,
     }
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     return f"v1-{digest[:12]}"

@@ -19,14 +19,20 @@ Euclidean distance is below 0.6. The stored embeddings are L2-normalised float32
 product is the cosine similarity and any vector index (DuckDB vss, FAISS, ...) can use inner
 product. For unit vectors ``||a - b||^2 = 2 - 2 cos``; for two raw vectors of the same norm r,
 dlib's d < 0.6 reads ``cos > 1 - 0.18 / r^2``, i.e. ~0.918 at r = 1.48. Norms differ between
-faces, so the threshold was calibrated directly: :data:`COSINE_THRESHOLD` = 0.93 separates the
-shared corpus's 2,003 verification pairs (382 same person, 1,621 different) best, with this
-module's own pipeline (facebatch's MTCNN, largest face, this alignment and network: equally
-best for any threshold in (0.9291, 0.9311], accuracy 0.9990, ROC AUC 0.99997, true-accept rate
-0.9974 at 0.1% false accepts), and it is next to the best interval of dlib's own reference
-descriptors read as cosines ((0.9284, 0.9298]). 0.93 is Euclidean ~0.55 between raw vectors of norm 1.48: a bit
-stricter than dlib's 0.6, in line with dlib's own best Euclidean threshold on these pairs
-(0.574-0.579). bench/eval_pairs.py reproduces these figures.
+faces, so the threshold was calibrated directly on the shared corpus's 2,003 verification pairs
+(382 same person, 1,621 different) with this module's own pipeline (facebatch's MTCNN, largest
+face, this alignment and network).
+
+Flip averaging (the default since pipeline schema 2): each chip is embedded together with its
+mirror image and the two raw descriptors are summed before normalising. On the shared pairs it
+keeps the best accuracy at 0.9990 and ROC AUC at 0.99998 (0.99997 without), and it widens the
+interval of equally best thresholds from (0.9291, 0.9311] to (0.9339, 0.9390], i.e. a margin
+2.5x as wide between the hardest same and different pairs, which is what clustering and search
+live on; it costs a second pass of the network (about 15% of the per-image compute). Hence
+:data:`COSINE_THRESHOLD` = 0.936 (without flip averaging it was 0.93, next to dlib's own
+reference descriptors read as cosines, (0.9284, 0.9298]). 0.936 is Euclidean ~0.54 between raw
+vectors of norm 1.48: a bit stricter than dlib's 0.6, in line with dlib's own best Euclidean
+threshold on these pairs (0.574-0.579). bench/eval_pairs.py reproduces these figures.
 
 Alignment follows dlib's ``get_face_chip(size=150, padding=0.25)`` (see
 :mod:`facebatch.alignment`); MTCNN's points are mapped onto the positions where they sit, on
@@ -48,9 +54,9 @@ from facebatch.models import resolve_device
 __all__ = ["COSINE_THRESHOLD", "EMBEDDING_DIM", "FaceEmbedder", "resolve_device"]
 
 EMBEDDING_DIM = 128
-# Cosine similarity; calibrated on the shared verification pairs (module docstring,
-# bench/eval_pairs.py).
-COSINE_THRESHOLD = 0.93
+# Cosine similarity of flip-averaged embeddings; calibrated on the shared verification pairs
+# (module docstring, bench/eval_pairs.py).
+COSINE_THRESHOLD = 0.936
 
 _AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -70,6 +76,7 @@ class FaceEmbedder:
         batch_size: int = 64,
         precision: str = "fp32",
         antialias: bool = True,
+        flip_average: bool = True,
     ):
         if precision not in _AUTOCAST_DTYPES:
             raise ValueError(f"precision must be one of {sorted(_AUTOCAST_DTYPES)}, got {precision!r}")
@@ -78,6 +85,7 @@ class FaceEmbedder:
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.antialias = antialias
+        self.flip_average = flip_average
         self._autocast_dtype = _AUTOCAST_DTYPES[precision] if self.device.type == "cuda" else None
         network: DlibResNet = load_dlib_resnet(model_path)
         # channels_last: the chips arrive as NHWC uint8, and oneDNN/cuDNN convolutions are faster
@@ -102,12 +110,13 @@ class FaceEmbedder:
         )
 
     def raw_descriptors(self, chips) -> np.ndarray:
-        """dlib's unnormalised 128-d descriptors of (N, 150, 150, 3) uint8 RGB chips."""
-        return self._forward(chips, normalise=False)
+        """dlib's unnormalised 128-d descriptors of (N, 150, 150, 3) uint8 RGB chips (no flip
+        averaging: exactly what dlib computes)."""
+        return self._forward(chips, normalise=False, flip=False)
 
     def embed_chips(self, chips) -> np.ndarray:
         """(N, 128) float32 L2-normalised embeddings of (N, 150, 150, 3) uint8 RGB chips."""
-        return self._forward(chips, normalise=True)
+        return self._forward(chips, normalise=True, flip=self.flip_average)
 
     def embed(self, images: Sequence[np.ndarray], image_index, landmarks) -> np.ndarray:
         """Align and embed: (N, 128) float32, L2-normalised; N = 0 gives (0, 128)."""
@@ -115,7 +124,7 @@ class FaceEmbedder:
 
     # ---------------------------------------------------------------------------------------
 
-    def _forward(self, chips, normalise: bool) -> np.ndarray:
+    def _forward(self, chips, normalise: bool, flip: bool) -> np.ndarray:
         chips = torch.as_tensor(chips)
         if chips.dim() != 4 or tuple(chips.shape[1:]) != (CHIP_SIZE, CHIP_SIZE, 3):
             raise ValueError(f"chips must be (N, {CHIP_SIZE}, {CHIP_SIZE}, 3), got {tuple(chips.shape)}")
@@ -127,11 +136,16 @@ class FaceEmbedder:
                 batch = chips[start : start + self.batch_size].to(self.device, non_blocking=True)
                 # NHWC uint8 -> NCHW float whose memory stays NHWC (= channels_last), no copy back.
                 x = batch.permute(0, 3, 1, 2).float()
+                if flip:
+                    # The chip and its mirror image in one call; their descriptors are summed.
+                    x = torch.cat([x, x.flip(3)])
                 if self._autocast_dtype is not None:
                     with torch.autocast(self.device.type, dtype=self._autocast_dtype):
                         descriptors = self.network(x).float()
                 else:
                     descriptors = self.network(x)
+                if flip:
+                    descriptors = descriptors[: batch.shape[0]] + descriptors[batch.shape[0] :]
                 if normalise:
                     descriptors = torch.nn.functional.normalize(descriptors, dim=1)
                 outputs.append(descriptors.cpu())

@@ -307,9 +307,13 @@ def test_embed_is_normalised_and_consistent(dlib_faces, embedder):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     chips = embedder.align(images, np.arange(3), points)
     assert chips.dtype == torch.uint8 and tuple(chips.shape) == (3, 150, 150, 3)
-    raw = embedder.raw_descriptors(chips)
-    np.testing.assert_allclose(vectors, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-6)
+    # Flip averaging: the chip's and its mirror image's raw descriptors, summed, then normalised.
+    summed = embedder.raw_descriptors(chips) + embedder.raw_descriptors(chips.flip(2))
+    np.testing.assert_allclose(vectors, summed / np.linalg.norm(summed, axis=1, keepdims=True), atol=1e-6)
     np.testing.assert_allclose(embedder.embed_chips(chips.numpy()), vectors, atol=1e-6)
+    plain = FaceEmbedder(device="cpu", flip_average=False).embed_chips(chips)
+    raw = embedder.raw_descriptors(chips)
+    np.testing.assert_allclose(plain, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-6)
     # Same person under the documented threshold.
     assert (vectors @ vectors.T).min() >= embedder.threshold
 

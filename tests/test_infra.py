@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -420,3 +421,120 @@ def test_cron_script_requires_settings(cron_env):
     env = {k: v for k, v in env.items() if k != "FACEBATCH_OUT"}
     result = run_cron(env)
     assert result.returncode == 2 and "FACEBATCH_OUT" in result.stderr
+
+
+# ---------------------------------------------------------------- the image's user and HOME, as the Ray cluster launcher sees them
+
+def dockerfile_env() -> dict[str, str]:
+    """The image's own environment (`docker inspect -f '{{json .Config.Env}}'`) as far as this Dockerfile
+    sets it. The nvidia/cuda base adds PATH, CUDA and NVIDIA_* variables, never HOME."""
+    env: dict[str, str] = {}
+    for keyword, rest in dockerfile_instructions():
+        if keyword != "ENV":
+            continue
+        for key, value in re.findall(r'(\w+)=("[^"]*"|\S+)', rest) or [tuple(rest.split(None, 1))]:
+            env[key] = value.strip('"').replace("$PATH", env.get("PATH", "/usr/bin:/bin"))
+    return env
+
+
+def dockerfile_user() -> tuple[str, str]:
+    """(user name, home directory in /etc/passwd) of the final USER, from its useradd line."""
+    instructions = dockerfile_instructions()
+    user = [rest for kw, rest in instructions if kw == "USER"][-1]
+    for kw, rest in instructions:
+        m = re.search(rf"useradd\s+((?:--?[\w-]+(?:\s+(?!-)\S+)?\s+)*){re.escape(user)}\b", rest) if kw == "RUN" else None
+        if m:
+            home = re.search(r"(?:--home-dir|-d)\s+(\S+)", m.group(1))
+            assert "--create-home" in m.group(1) or "-m" in m.group(1).split(), "the user needs a home directory"
+            return user, home.group(1) if home else f"/home/{user}"
+    raise AssertionError(f"USER {user} is not created by a useradd in the Dockerfile")
+
+
+def test_dockerfile_user_and_home():
+    user, passwd_home = dockerfile_user()
+    env = dockerfile_env()
+    # uid 1000 like the rayproject images: the launcher's file_mounts belong to the VM's SSH user (ubuntu,
+    # uid 1000 on the Ubuntu AMIs), and the token file is mode 0600.
+    assert user == "ray" and re.search(r"useradd\s+--uid 1000\b", DOCKERFILE.read_text())
+    # HOME must be in the image's environment: that is where the cluster launcher reads it from.
+    assert env.get("HOME") == passwd_home == "/home/ray", env.get("HOME")
+    assert env["VIRTUAL_ENV"].startswith(env["HOME"] + "/"), "the venv belongs to the image's user"
+
+
+class FakeDockerHost:
+    """One cluster VM as Ray's DockerCommandRunner talks to it over SSH: answers the docker commands
+    that `ray up` runs, with Docker's own rules for HOME (the image's ENV, else the USER's passwd
+    entry, else /root), and records what was run."""
+
+    def __init__(self, image: str, ssh_user: str, cluster_name: str):
+        self.image = image
+        self.ssh_user, self.cluster_name = ssh_user, cluster_name
+        self.image_env = dockerfile_env()
+        self.user, self.passwd_home = dockerfile_user()
+        self.container = None  # {"mounts": [dest, ...]} while one runs
+        self.commands: list[str] = []
+
+    def container_home(self) -> str:
+        return self.image_env.get("HOME") or self.passwd_home
+
+    def run(self, cmd, with_output=False, **kwargs):
+        self.commands.append(cmd)
+        out = ""
+        if cmd.startswith("command -v docker"):
+            out = "/usr/bin/docker"
+        elif cmd.startswith("docker inspect -f '{{json .Config.Env}}' "):
+            out = json.dumps([f"{k}={v}" for k, v in self.image_env.items()])
+        elif cmd.startswith("docker inspect -f '{{.State.Running}}'"):
+            out = "true" if self.container else "Error: No such object: ray_container"
+        elif cmd.startswith("docker inspect -f '{{.Config.Image}}'"):
+            out = self.image if self.container else ""
+        elif cmd.startswith("docker inspect -f '{{json .Mounts}}'"):
+            out = json.dumps([{"Destination": d} for d in self.container["mounts"]]) if self.container else "[]"
+        elif cmd.startswith("docker run "):
+            argv = shlex.split(cmd)
+            assert self.image in argv
+            self.container = {"mounts": [argv[i + 1].split(":", 1)[1] for i, a in enumerate(argv) if a == "-v"],
+                              "argv": argv}
+        elif re.fullmatch(r"docker exec \S+ printenv HOME", cmd):
+            out = self.container_home()
+        elif cmd.startswith("docker stop "):
+            self.container = None
+        elif cmd.startswith("docker info"):
+            out = "map[io.containerd.runc.v2:{runc [] <nil>} runc:{runc [] <nil>}]"
+        elif cmd.startswith("cat /proc/meminfo"):
+            out = "MemTotal: 32000000 kB\nMemAvailable: 30000000 kB"
+        elif not cmd.startswith("docker pull "):
+            raise AssertionError(f"unexpected command on the VM: {cmd}")
+        return out.encode() if with_output else None
+
+
+def ray_up_once(config: dict, host: FakeDockerHost) -> list[str]:
+    """The container part of one `ray up` on the head VM, with Ray's own DockerCommandRunner."""
+    command_runner = pytest.importorskip("ray.autoscaler._private.command_runner")
+    runner = command_runner.DockerCommandRunner(
+        config["docker"], log_prefix="", node_id="head", provider=None,
+        auth_config=config["auth"], cluster_name=config["cluster_name"],
+        process_runner=subprocess, use_internal_ip=False)
+    runner.ssh_command_runner = host  # every command goes to the fake VM instead of over SSH
+    start = len(host.commands)
+    runner.run_init(as_head=True, file_mounts=dict(config["file_mounts"]), sync_run_yet=True)
+    return host.commands[start:]
+
+
+def test_cluster_launcher_mounts_the_token_where_ray_reads_it():
+    config = yaml.safe_load(CLUSTER.read_text())
+    assert "RAY_AUTH_MODE=token" in " ".join(config["docker"]["run_options"])
+    host = FakeDockerHost(config["docker"]["image"], config["auth"]["ssh_user"], config["cluster_name"])
+    first = ray_up_once(config, host)
+    assert any(c.startswith("docker run ") for c in first)
+    # Ray looks for the token in $HOME/.ray/auth_token of the container's user (Path.home()).
+    token = "~/.ray/auth_token"
+    assert token in config["file_mounts"]
+    want = host.container_home() + token[1:]
+    assert want.startswith(host.passwd_home + "/"), "HOME is not the user's home directory"
+    assert want in host.container["mounts"], f"token mounted at {host.container['mounts']}, Ray reads {want}"
+    assert not any(m.startswith("/root/") for m in host.container["mounts"])
+
+    # A second `ray up` on the running cluster keeps the container (and the Ray processes in it).
+    second = ray_up_once(config, host)
+    assert not any(c.startswith(("docker stop", "docker run")) for c in second), second

@@ -13,6 +13,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -223,8 +225,22 @@ def load_launcher():
     return namespace
 
 
+KUBERAY_STATES = yaml.safe_load((REPO / "tests" / "fixtures" / "kuberay_rayjob_states.yaml").read_text())["states"]
+
+
+def test_launcher_knows_every_kuberay_state():
+    launcher = load_launcher()
+    final = {state for state, info in KUBERAY_STATES.items() if info["final"]}
+    assert launcher["TERMINAL"] == final, "the launcher must stop waiting in every state KubeRay never leaves"
+    assert launcher["TERMINAL"] | launcher["IN_PROGRESS"] == set(KUBERAY_STATES)
+    assert not launcher["TERMINAL"] & launcher["IN_PROGRESS"]
+
+
 def test_launcher_classifies_runs():
     launcher = load_launcher()
+    now = 1767578400.0  # 2026-01-05T02:00:00Z
+    deadline_h = launcher["RUN_DEADLINE_SECONDS"] / 3600
+    assert 12 < deadline_h < 24
 
     def rayjob(name, created, status):
         return {"metadata": {"name": name, "creationTimestamp": created}, "status": {"jobDeploymentStatus": status}}
@@ -232,13 +248,212 @@ def test_launcher_classifies_runs():
     items = [
         rayjob("c", "2026-01-03T02:00:00Z", "Complete"),
         rayjob("a", "2026-01-01T02:00:00Z", "Failed"),
-        rayjob("d", "2026-01-04T02:00:00Z", "Running"),
-        {"metadata": {"name": "e", "creationTimestamp": "2026-01-05T02:00:00Z"}},  # just created: no status yet
-        rayjob("r", "2026-01-02T02:00:00Z", "Retrying"),
+        rayjob("v", "2026-01-02T02:00:00Z", "ValidationFailed"),  # final: KubeRay never reconciles it again
+        rayjob("d", "2026-01-04T18:00:00Z", "Running"),
+        {"metadata": {"name": "e", "creationTimestamp": "2026-01-05T01:59:00Z"}},  # just created: no status yet
+        rayjob("r", "2026-01-04T20:00:00Z", "Retrying"),
+        rayjob("s", "2026-01-03T02:00:00Z", "Suspended"),  # unfinished for two days: past the run deadline
+        rayjob("x", "2026-01-04T02:00:00Z", "SomethingNew"),  # unknown state, past the deadline
     ]
-    active, finished = launcher["split_runs"](items)
+    active, stale, finished = launcher["split_runs"](items, now)
     assert sorted(i["metadata"]["name"] for i in active) == ["d", "e", "r"]
-    assert [i["metadata"]["name"] for i in finished] == ["a", "c"]  # oldest first, pruned first
+    assert sorted(i["metadata"]["name"] for i in stale) == ["s", "x"]
+    assert [i["metadata"]["name"] for i in finished] == ["a", "v", "c"]  # oldest first, pruned first
+
+
+class FakeKubeAPI:
+    """The RayJob part of a Kubernetes API server, with KubeRay stood in by a script of status values:
+    each GET of the RayJob the launcher created moves it one step along `script` (staying on the last)."""
+
+    def __init__(self, existing=(), script=({},)):
+        import http.server
+        import threading
+
+        self.jobs = {j["metadata"]["name"]: j for j in existing}
+        self.script = list(script)
+        self.steps: dict[str, int] = {}
+        self.requests: list[tuple[str, str, object]] = []
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, code, body):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def handle_any(self, method):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                api.requests.append((method, self.path, body))
+                assert self.headers["Authorization"] == "Bearer test-token"
+                base = "/apis/ray.io/v1/namespaces/nightly-ns/rayjobs"
+                path, _, query = self.path.partition("?")
+                name = path[len(base) + 1:] if path.startswith(base + "/") else None
+                if method == "GET" and path == base:
+                    key, _, value = urllib.parse.parse_qs(query)["labelSelector"][0].partition("=")
+                    items = [j for j in api.jobs.values() if j["metadata"].get("labels", {}).get(key) == value]
+                    return self.reply(200, {"items": items})
+                if method == "POST" and path == base:
+                    job = yaml.safe_load(body)
+                    job["metadata"]["name"] = job["metadata"].pop("generateName") + f"n{len(api.jobs)}"
+                    job["metadata"]["creationTimestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                    api.jobs[job["metadata"]["name"]] = job
+                    api.steps[job["metadata"]["name"]] = 0
+                    return self.reply(201, job)
+                if name not in api.jobs:
+                    return self.reply(404, {"kind": "Status", "code": 404})
+                if method == "DELETE":
+                    return self.reply(200, api.jobs.pop(name))
+                if name in api.steps:
+                    step = api.steps[name]
+                    api.jobs[name]["status"] = api.script[min(step, len(api.script) - 1)]
+                    api.steps[name] = step + 1
+                return self.reply(200, api.jobs[name])
+
+            def do_GET(self):
+                self.handle_any("GET")
+
+            def do_POST(self):
+                self.handle_any("POST")
+
+            def do_DELETE(self):
+                self.handle_any("DELETE")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def deleted(self):
+        return [urllib.parse.urlsplit(p).path.rsplit("/", 1)[1] for m, p, _ in self.requests if m == "DELETE"]
+
+    def created(self):
+        return [m for m, _, _ in self.requests if m == "POST"]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def run_launcher(tmp_path, api: FakeKubeAPI, **env):
+    """launch.py from the ConfigMap, run as the CronJob's pod runs it, against `api`."""
+    data = nightly_docs()["ConfigMap"]["data"]
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir(exist_ok=True)
+    (sa / "token").write_text("test-token\n")
+    (sa / "namespace").write_text("nightly-ns")
+    for key in ("launch.py", "rayjob.yaml"):
+        (tmp_path / key).write_text(data[key])
+    cron_env = {e["name"]: e["value"] for e in nightly_docs()["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **cron_env,
+                "TEMPLATE": str(tmp_path / "rayjob.yaml"), "SERVICEACCOUNT_DIR": str(sa),
+                "KUBERNETES_API": api.url, "POLL_SECONDS": "0.02", "DELETE_WAIT_SECONDS": "5", **env}
+    return subprocess.run([sys.executable, str(tmp_path / "launch.py")], env=full_env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def nightly_rayjob(name, created, status, **extra):
+    return {"apiVersion": "ray.io/v1", "kind": "RayJob",
+            "metadata": {"name": name, "creationTimestamp": created, "labels": {"facebatch.io/schedule": "nightly"}},
+            "status": {"jobDeploymentStatus": status, **extra}}
+
+
+def hours_ago(hours):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - hours * 3600))
+
+
+@pytest.mark.parametrize("state", sorted(KUBERAY_STATES), ids=lambda s: s or "New")
+def test_launcher_ends_in_every_kuberay_state(tmp_path, state):
+    """The night's RayJob goes through KubeRay's usual steps and then stays in `state`: the launcher
+    returns at once for a final state, and for any other one deletes the run at the run deadline."""
+    final = KUBERAY_STATES[state]["final"]
+    last = {"jobDeploymentStatus": state}
+    if state == "Complete":
+        last["jobStatus"] = "SUCCEEDED"
+    elif state == "ValidationFailed":
+        last.update(reason="ValidationFailed", message="The RayJob spec is invalid: something")
+    api = FakeKubeAPI(script=[{}, {"jobDeploymentStatus": "Initializing"},
+                              {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, last])
+    try:
+        result = run_launcher(tmp_path, api, RUN_DEADLINE_SECONDS="3600" if final else "1")
+    finally:
+        api.close()
+    out = result.stdout + result.stderr
+    assert len(api.created()) == 1, out
+    (name,) = api.steps
+    if final:
+        assert result.returncode == (0 if state == "Complete" else 1), out
+        assert api.deleted() == [], "a finished run is kept for inspection"
+        if state == "ValidationFailed":
+            assert "The RayJob spec is invalid" in out
+    else:
+        assert result.returncode == 1, out
+        assert api.deleted() == [name] and "run deadline" in out, out
+        (delete,) = [b for m, _, b in api.requests if m == "DELETE"]
+        assert json.loads(delete)["propagationPolicy"] == "Foreground"
+
+
+def test_launcher_failed_and_stopped_runs_fail_the_night(tmp_path):
+    for status in ({"jobDeploymentStatus": "Complete", "jobStatus": "STOPPED"},
+                   {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "DeadlineExceeded"}):
+        api = FakeKubeAPI(script=[status])
+        try:
+            assert run_launcher(tmp_path, api).returncode == 1
+        finally:
+            api.close()
+
+
+def test_launcher_after_earlier_nights(tmp_path):
+    done = {"jobStatus": "SUCCEEDED"}
+    script = [{"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}]
+    # A RayJob that KubeRay rejected last night (ValidationFailed) does not block tonight's run.
+    api = FakeKubeAPI([nightly_rayjob("facebatch-nightly-old", hours_ago(24), "ValidationFailed")], script)
+    try:
+        result = run_launcher(tmp_path, api)
+    finally:
+        api.close()
+    assert result.returncode == 0 and len(api.created()) == 1, result.stdout + result.stderr
+
+    # A run still going (within the run deadline) does: skip, exit 75, create nothing.
+    api = FakeKubeAPI([nightly_rayjob("facebatch-nightly-going", hours_ago(3), "Retrying")], script)
+    try:
+        result = run_launcher(tmp_path, api)
+    finally:
+        api.close()
+    assert result.returncode == 75 and not api.created() and not api.deleted()
+    assert "facebatch-nightly-going (Retrying)" in result.stdout
+
+    # A run unfinished long past the deadline (its launcher died; stuck in any state) is deleted, and
+    # tonight's run goes ahead. Finished ones beyond KEEP_FINISHED are pruned, oldest first.
+    old = [nightly_rayjob(f"facebatch-nightly-f{i}", hours_ago(24 * (20 - i)), "Complete", **done) for i in range(3)]
+    api = FakeKubeAPI([nightly_rayjob("facebatch-nightly-stuck", hours_ago(30), "Suspended"), *old], script)
+    try:
+        result = run_launcher(tmp_path, api, KEEP_FINISHED="1")
+    finally:
+        api.close()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert api.deleted() == ["facebatch-nightly-stuck", "facebatch-nightly-f0", "facebatch-nightly-f1"]
+    assert len(api.created()) == 1
+
+
+def test_run_deadlines_fit_the_night():
+    """A run's attempts, the launcher's run deadline and the CronJob's deadline nest, all inside a day."""
+    docs = nightly_docs()
+    spec = load_rayjob()["spec"]
+    job = docs["CronJob"]["spec"]["jobTemplate"]["spec"]
+    env = {e["name"]: e["value"] for e in job["template"]["spec"]["containers"][0]["env"]}
+    # KubeRay applies activeDeadlineSeconds to each attempt; there are backoffLimit + 1 of them.
+    attempts = (spec["backoffLimit"] + 1) * spec["activeDeadlineSeconds"]
+    assert attempts <= 12 * 3600, "infra/README.md promises that a run ends within 12 h"
+    assert attempts < int(env["RUN_DEADLINE_SECONDS"]) < job["activeDeadlineSeconds"] < 24 * 3600
+    readme = (INFRA / "README.md").read_text()
+    assert f"activeDeadlineSeconds: {spec['activeDeadlineSeconds']}" in readme
 
 
 # ---------------------------------------------------------------- Ray cluster launcher (AWS)
@@ -538,3 +753,48 @@ def test_cluster_launcher_mounts_the_token_where_ray_reads_it():
     # A second `ray up` on the running cluster keeps the container (and the Ray processes in it).
     second = ray_up_once(config, host)
     assert not any(c.startswith(("docker stop", "docker run")) for c in second), second
+
+
+# ---------------------------------------------------------------- NVIDIA driver requirement of the image
+
+NVIDIA_REQUIRE = yaml.safe_load((REPO / "tests" / "fixtures" / "nvidia_cuda_require.yaml").read_text())
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("."))
+
+
+def nvidia_container_accepts(require: str, driver: str, brand: str) -> bool:
+    """The NVIDIA container toolkit's NVIDIA_REQUIRE_* check: space-separated constraints ORed,
+    comma-separated ones ANDed; `cuda` is the CUDA version of the host's driver."""
+    floors = {_version(c): _version(d) for c, d in NVIDIA_REQUIRE["cuda_driver_floor"].items()}
+    cuda = max((c for c, d in floors.items() if _version(driver) >= d), default=(0,))
+    facts = {"driver": _version(driver), "cuda": cuda}
+    ops = {">=": lambda a, b: a >= b, "<": lambda a, b: a < b, ">": lambda a, b: a > b,
+           "<=": lambda a, b: a <= b, "=": lambda a, b: a == b}
+
+    def holds(term):
+        key, op, value = re.fullmatch(r"(\w+)(>=|<=|=|<|>)(\S+)", term).groups()
+        if key == "brand":
+            return brand == value
+        fact = facts[key]
+        return ops[op](fact[:len(_version(value))] if key == "driver" else fact, _version(value))
+
+    return any(all(holds(t) for t in clause.split(",")) for clause in require.split())
+
+
+def test_nvidia_driver_requirement():
+    (base,) = [rest for kw, rest in dockerfile_instructions() if kw == "FROM"]
+    assert base == NVIDIA_REQUIRE["image"], "base image changed: refresh tests/fixtures/nvidia_cuda_require.yaml"
+    require = NVIDIA_REQUIRE["NVIDIA_REQUIRE_CUDA"]
+    ok = lambda driver, brand="tesla": nvidia_container_accepts(require, driver, brand)  # noqa: E731
+    # What infra/README.md states: >= 560.28.03 on any GPU; the 535 and 550 branches on non-GeForce GPUs.
+    assert ok("560.28.03", "geforce") and ok("570.124.06", "geforcertx") and ok("580.65.06")
+    for driver in ("535.54.03", "535.247.01", "550.54.15", "550.163.01"):
+        assert ok(driver, "tesla") and ok(driver, "nvidia") and not ok(driver, "geforce"), driver
+    # ... and what it refuses, although CUDA minor-version compatibility (>= 525.60.13) would run torch.
+    for driver in ("525.60.13", "525.147.05", "530.30.02", "545.23.08", "551.0.0", "555.42.06", "560.0.0"):
+        assert not ok(driver), driver
+    readme = (INFRA / "README.md").read_text()
+    for claim in ("**>= 560.28.03**", "**535**", "**550**", "NVIDIA_DISABLE_REQUIRE=1", "525–534", "536–549"):
+        assert claim in readme, claim

@@ -798,3 +798,86 @@ def test_nvidia_driver_requirement():
     readme = (INFRA / "README.md").read_text()
     for claim in ("**>= 560.28.03**", "**535**", "**550**", "NVIDIA_DISABLE_REQUIRE=1", "525–534", "536–549"):
         assert claim in readme, claim
+
+
+# ---------------------------------------------------------------- the manifests against KubeRay's CRDs
+
+KUBERAY_CRD = yaml.safe_load((REPO / "tests" / "fixtures" / "kuberay_rayjob_crd.yaml").read_text())["versions"]
+
+
+def schema_problems(value, schema: dict, path: str = "spec") -> list[str]:
+    """What a Kubernetes API server does with `value` under a structural CRD schema: fields it does not
+    know are pruned (silently), wrong types, enum values, minimums and missing required fields are
+    rejected. Each problem is 'pruned: <path>' or '<path>: <why>'."""
+    kind = schema.get("type")
+    if schema.get("x-kubernetes-int-or-string"):
+        ok = isinstance(value, (int, str)) and not isinstance(value, bool)
+    else:
+        ok = {"object": isinstance(value, dict), "array": isinstance(value, list), "string": isinstance(value, str),
+              "boolean": isinstance(value, bool), None: True,
+              "integer": isinstance(value, int) and not isinstance(value, bool),
+              "number": isinstance(value, (int, float)) and not isinstance(value, bool)}[kind]
+    if not ok:
+        return [f"{path}: {type(value).__name__} where the CRD wants {kind}"]
+    problems = []
+    if "enum" in schema and value not in schema["enum"]:
+        problems.append(f"{path}: {value!r} not in {schema['enum']}")
+    if "minimum" in schema and value < schema["minimum"]:
+        problems.append(f"{path}: {value} < {schema['minimum']}")
+    if schema.get("x-trimmed") or schema.get("x-kubernetes-preserve-unknown-fields"):
+        return problems
+    if kind == "object":
+        properties, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        for key in schema.get("required", []):
+            if key not in value:
+                problems.append(f"{path}.{key}: required")
+        for key, item in value.items():
+            if key in properties:
+                problems += schema_problems(item, properties[key], f"{path}.{key}")
+            elif isinstance(extra, dict):
+                problems += schema_problems(item, extra, f"{path}.{key}")
+            elif extra is not True:
+                problems.append(f"pruned: {path}.{key}")
+    elif kind == "array" and "items" in schema:
+        for i, item in enumerate(value):
+            problems += schema_problems(item, schema["items"], f"{path}[{i}]")
+    return problems
+
+
+def test_schema_checker():
+    spec = KUBERAY_CRD["v1.5.1"]["spec"]
+    assert schema_problems({"entrypoint": "x", "backoffLimit": 1}, spec) == []
+    assert schema_problems({"entrypoint": "x", "backofLimit": 1}, spec) == ["pruned: spec.backofLimit"]
+    assert schema_problems({"entrypoint": 3}, spec) == ["spec.entrypoint: int where the CRD wants string"]
+    problems = schema_problems({"rayClusterSpec": {"autoscalerOptions": {"upscalingMode": "Fast"}}}, spec)
+    assert problems[0] == "spec.rayClusterSpec.headGroupSpec: required"
+    assert problems[1].startswith("spec.rayClusterSpec.autoscalerOptions.upscalingMode: 'Fast' not in")
+
+
+def manifest_specs() -> dict[str, dict]:
+    template = yaml.safe_load(nightly_docs()["ConfigMap"]["data"]["rayjob.yaml"])
+    return {"rayjob.yaml": load_rayjob()["spec"], "nightly.yaml": template["spec"]}
+
+
+@pytest.mark.parametrize("manifest", ["rayjob.yaml", "nightly.yaml"])
+def test_rayjob_manifests_against_kuberay_crds(manifest):
+    import copy
+
+    spec = manifest_specs()[manifest]
+    # v1.5.1, the minimum infra/README.md states, keeps every field.
+    assert schema_problems(spec, KUBERAY_CRD["v1.5.1"]["spec"]) == []
+    # It is the minimum: v1.5.0 would drop the token authentication.
+    assert schema_problems(spec, KUBERAY_CRD["v1.5.0"]["spec"]) == ["pruned: spec.rayClusterSpec.authOptions"]
+    # Without authOptions (the README's fallback) v1.2.0 keeps everything, v1.1.1 drops the retries.
+    without_auth = copy.deepcopy(spec)
+    del without_auth["rayClusterSpec"]["authOptions"]
+    assert schema_problems(without_auth, KUBERAY_CRD["v1.2.0"]["spec"]) == []
+    assert sorted(schema_problems(without_auth, KUBERAY_CRD["v1.1.1"]["spec"])) == [
+        "pruned: spec.backoffLimit", "pruned: spec.submitterConfig"]
+
+
+def test_kuberay_versions_stated():
+    readme = (INFRA / "README.md").read_text()
+    assert "KubeRay operator **>= v1.5.1**" in readme and "v1.2.0–v1.5.0" in readme
+    assert "v1.1–" not in readme and "from v1.1" not in RAYJOB.read_text()
+    assert ">= v1.5.1" in RAYJOB.read_text() and ">= v1.2.0" in RAYJOB.read_text() and ">= v1.5.1" in NIGHTLY.read_text()

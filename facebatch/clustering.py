@@ -22,7 +22,7 @@ import numpy as np
 
 __all__ = [
     "CLUSTER_THRESHOLD", "ASSIGN_THRESHOLD", "K", "MIN_SIZE", "EXACT_MAX",
-    "knn", "knn_distributed", "build_search_index", "save_index", "load_index", "search",
+    "knn", "knn_distributed", "knn_recall", "id_recall", "build_search_index", "save_index", "load_index", "search",
     "cluster", "assign", "centroids", "cannot_link_violations",
 ]
 
@@ -149,6 +149,25 @@ def knn(base: np.ndarray, k: int, queries: np.ndarray | None = None, *, exact: b
     return sims.astype(np.float32), idx.astype(np.int64)
 
 
+def knn_recall(idx_exact: np.ndarray, sims_exact: np.ndarray, idx_approx: np.ndarray,
+               sims_approx: np.ndarray, *, tol: float = 1e-5) -> float:
+    """Recall of an approximate kNN against the exact one, ties counted: the fraction of the
+    exact top-k slots filled by an approximate neighbour at least as similar as the exact k-th
+    one. (Many faces of one person are nearly equidistant, so which of several equally similar
+    ids is returned does not matter; ``id_recall`` below counts ids only.)"""
+    kth = sims_exact[:, -1:]
+    valid = idx_exact >= 0
+    good = (idx_approx >= 0) & (sims_approx >= kth - tol)
+    return float(good.sum() / max(valid.sum(), 1))
+
+
+def id_recall(idx_exact: np.ndarray, idx_approx: np.ndarray) -> float:
+    """Fraction of exact neighbour ids that the approximate kNN returned."""
+    k = idx_exact.shape[1]
+    hit = (idx_exact[:, :, None] == idx_approx[:, None, :]).any(axis=2) & (idx_exact >= 0)
+    return float(hit.sum() / max((idx_exact >= 0).sum(), 1)) if k else 1.0
+
+
 def _knn_block_task(base, index_bytes, queries, lo, hi, k, self_knn, threads):
     """One Ray task: queries [lo, hi) (rows of base when self_knn) against the whole base."""
     x = base
@@ -165,12 +184,13 @@ def _knn_block_task(base, index_bytes, queries, lo, hi, k, self_knn, threads):
 
 def knn_distributed(base: np.ndarray, k: int, queries: np.ndarray | None = None, *,
                     exact: bool | None = None, block_rows: int = 100_000, threads: int | None = 1,
-                    num_cpus: float = 1, max_in_flight: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    num_cpus: float = 1, max_in_flight: int | None = None,
+                    index=None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`knn` as Ray tasks over blocks of query rows (needs ``ray.init`` done by the caller).
 
     The base goes into the object store once (``ray.put``); for the approximate case the index
-    is built once here, serialised and put once too, so every task searches the same index and
-    the result equals the in-process :func:`knn` with the same ``exact``. Each task returns the
+    is built once here (or ``index`` is used), serialised and put once too, so every task
+    searches the same index and the result equals the in-process :func:`knn` over that index. Each task returns the
     top-k of its block; blocks are concatenated in query order."""
     import ray
 
@@ -180,7 +200,9 @@ def knn_distributed(base: np.ndarray, k: int, queries: np.ndarray | None = None,
     nq = len(x) if self_knn else len(q)
     if exact is None:
         exact = len(x) <= EXACT_MAX
-    index_ref = None if exact else ray.put(save_index(build_search_index(x, exact=False, threads=threads)))
+    if index is None and not exact:
+        index = build_search_index(x, exact=False, threads=threads)
+    index_ref = None if index is None else ray.put(save_index(index))
     base_ref = ray.put(x)
     q_ref = None if self_knn else ray.put(q)
     task = ray.remote(num_cpus=num_cpus)(_knn_block_task)

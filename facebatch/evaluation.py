@@ -76,3 +76,51 @@ def parity_ok(stats: dict) -> bool:
     return (stats["recall_vs_reference"] >= PARITY_LIMITS["recall_vs_reference"]
             and stats["mean_landmark_error_frac_width"] <= PARITY_LIMITS["mean_landmark_error_frac_width"]
             and stats["extra_frac"] <= PARITY_LIMITS["extra_frac"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Clustering metrics (people): each -1 prediction counts as a cluster of its own.
+
+def _contingency(pred, truth):
+    pred = np.asarray(pred, np.int64).ravel().copy()
+    truth = np.asarray(truth, np.int64).ravel()
+    if len(pred) != len(truth):
+        raise ValueError("pred and truth must have the same length")
+    noise = pred < 0
+    if noise.any():  # -1 -> singletons with fresh ids
+        pred[noise] = (pred.max(initial=-1) + 1) + np.arange(int(noise.sum()))
+    p = np.unique(pred, return_inverse=True)[1]
+    t = np.unique(truth, return_inverse=True)[1]
+    pairs, n_pt = np.unique(p * (t.max(initial=0) + 1) + t, return_counts=True)
+    n_p, n_t = np.bincount(p), np.bincount(t)
+    return pairs // (t.max(initial=0) + 1), pairs % (t.max(initial=0) + 1), n_pt, n_p, n_t
+
+
+def _f(p: float, r: float) -> float:
+    return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+
+def bcubed(pred, truth) -> tuple[float, float, float]:
+    """BCubed (precision, recall, F) of predicted cluster labels against true labels; a -1
+    prediction is a singleton cluster."""
+    if len(np.asarray(pred)) == 0:
+        return 1.0, 1.0, 1.0
+    pi, ti, n_pt, n_p, n_t = _contingency(pred, truth)
+    n = n_p.sum()
+    c = n_pt.astype(np.float64) ** 2
+    p = float((c / n_p[pi]).sum() / n)
+    r = float((c / n_t[ti]).sum() / n)
+    return p, r, _f(p, r)
+
+
+def pairwise_f(pred, truth) -> tuple[float, float, float]:
+    """Pairwise (precision, recall, F): over pairs of faces put together by pred / by truth
+    (-1 = singleton). Precision is 1 when pred pairs nothing, recall is 1 when truth does."""
+    if len(np.asarray(pred)) == 0:
+        return 1.0, 1.0, 1.0
+    _, _, n_pt, n_p, n_t = _contingency(pred, truth)
+    pairs = lambda c: float((c.astype(np.float64) * (c - 1) / 2).sum())  # noqa: E731
+    tp, pp, tt = pairs(n_pt), pairs(n_p), pairs(n_t)
+    p = tp / pp if pp else 1.0
+    r = tp / tt if tt else 1.0
+    return p, r, _f(p, r)

@@ -1,0 +1,480 @@
+"""People clustering core: kNN graph, constrained average-linkage clustering, incremental assignment.
+
+    from facebatch.clustering import knn, cluster, assign, centroids
+    labels = cluster(emb, image_keys)                 # int64 per face, -1 = no person
+    persons, cents = centroids(emb, labels)
+    person_idx, sim = assign(new_emb, cents, CLUSTER_THRESHOLD, image_keys_new=new_keys)
+
+Pure library: numpy + faiss (CPU); Ray only in :func:`knn_distributed`. Embeddings are
+L2-normalised float32 (n, 128), so inner product = cosine similarity.
+
+(The algorithm, its measurement and the calibration of the defaults are documented below in
+ALGORITHM; filled in from bench/compare_clustering.py and bench/bench_people.py.)
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "CLUSTER_THRESHOLD", "ASSIGN_THRESHOLD", "K", "MIN_SIZE", "EXACT_MAX",
+    "knn", "knn_distributed", "knn_recall", "id_recall", "build_search_index", "save_index", "load_index", "search",
+    "cluster", "assign", "centroids", "cannot_link_violations",
+]
+
+# Defaults (calibration: module docstring).
+CLUSTER_THRESHOLD = 0.93
+ASSIGN_THRESHOLD = 0.93
+K = 10
+MIN_SIZE = 2
+EXACT_MAX = 50_000          # knn(exact=None): exact below this many base rows
+IVF_NPROBE = 16
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 40
+HNSW_EF_SEARCH = 64
+
+_BLOCK = 65_536
+
+
+def _faiss(threads: int | None = None):
+    import faiss
+
+    if threads:
+        faiss.omp_set_num_threads(int(threads))
+    return faiss
+
+
+def _as_f32(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-d array of embeddings, got shape {x.shape}")
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# kNN
+
+def build_search_index(embeddings: np.ndarray, *, exact: bool | None = None, threads: int | None = None):
+    """A faiss inner-product index over ``embeddings`` (row i = id i).
+
+    Exact (IndexFlatIP) for small n, else HNSW-Flat (the choice is measured in the module
+    docstring). Vectors are stored uncompressed: 512 bytes per face plus the graph links."""
+    faiss = _faiss(threads)
+    x = _as_f32(embeddings)
+    n, d = x.shape
+    if exact is None:
+        exact = n <= EXACT_MAX
+    if exact:
+        index = faiss.IndexFlatIP(d)
+    else:
+        index = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+    index.add(x)
+    return index
+
+
+def save_index(index, path: str | os.PathLike | None = None) -> bytes | None:
+    """Write ``index`` to ``path``; without a path return its bytes."""
+    faiss = _faiss()
+    if path is None:
+        return faiss.serialize_index(index).tobytes()
+    faiss.write_index(index, str(path))
+    return None
+
+
+def load_index(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview):
+    faiss = _faiss()
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        return faiss.deserialize_index(np.frombuffer(path_or_bytes, dtype=np.uint8))
+    index = faiss.read_index(str(path_or_bytes))
+    if hasattr(index, "hnsw"):
+        index.hnsw.efSearch = max(index.hnsw.efSearch, HNSW_EF_SEARCH)
+    return index
+
+
+def search(index, queries: np.ndarray, k: int, *, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of ``queries`` in ``index``: (similarities float32 (q,k), indices int64 (q,k), -1 where
+    fewer)."""
+    q = _as_f32(queries)
+    if ef_search is not None and hasattr(index, "hnsw"):
+        index.hnsw.efSearch = int(ef_search)
+    sims = np.full((len(q), k), -np.inf, np.float32)
+    idx = np.full((len(q), k), -1, np.int64)
+    for lo in range(0, len(q), _BLOCK):
+        s, i = index.search(q[lo:lo + _BLOCK], k)
+        sims[lo:lo + len(s)], idx[lo:lo + len(s)] = s, i
+    sims[idx < 0] = -np.inf
+    return sims, idx
+
+
+def _drop_self(sims: np.ndarray, idx: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's own id from its k+1 results (or the last one when it is absent)."""
+    drop = idx == ids[:, None]
+    none = ~drop.any(axis=1)
+    drop[none, -1] = True
+    keep = ~drop
+    return sims[keep].reshape(len(ids), k), idx[keep].reshape(len(ids), k)
+
+
+def knn(base: np.ndarray, k: int, queries: np.ndarray | None = None, *, exact: bool | None = None,
+        threads: int | None = None, index=None) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine top-k of ``queries`` (default: every base row, excluding itself) among ``base``.
+
+    Returns (similarities float32 (q,k), indices int64 (q,k)), best first, -1 / -inf where fewer
+    than k. ``exact=None``: exact below EXACT_MAX base rows, HNSW above. ``index`` reuses an
+    index built by :func:`build_search_index` over ``base``."""
+    x = _as_f32(base)
+    self_knn = queries is None
+    q = x if self_knn else _as_f32(queries)
+    if index is None:
+        index = build_search_index(x, exact=exact, threads=threads)
+    else:
+        _faiss(threads)
+    kk = min(k + 1 if self_knn else k, len(x))
+    sims, idx = search(index, q, max(kk, 1))
+    if self_knn:
+        if kk == k + 1:
+            sims, idx = _drop_self(sims, idx, np.arange(len(q)), k)
+        else:  # fewer base rows than k+1
+            sims, idx = _drop_self(sims, idx, np.arange(len(q)), kk - 1)
+    if sims.shape[1] < k:
+        pad = k - sims.shape[1]
+        sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
+        idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
+    return sims.astype(np.float32), idx.astype(np.int64)
+
+
+def knn_recall(idx_exact: np.ndarray, sims_exact: np.ndarray, idx_approx: np.ndarray,
+               sims_approx: np.ndarray, *, tol: float = 1e-5) -> float:
+    """Recall of an approximate kNN against the exact one, ties counted: the fraction of the
+    exact top-k slots filled by an approximate neighbour at least as similar as the exact k-th
+    one. (Many faces of one person are nearly equidistant, so which of several equally similar
+    ids is returned does not matter; ``id_recall`` below counts ids only.)"""
+    kth = sims_exact[:, -1:]
+    valid = idx_exact >= 0
+    good = (idx_approx >= 0) & (sims_approx >= kth - tol)
+    return float(good.sum() / max(valid.sum(), 1))
+
+
+def id_recall(idx_exact: np.ndarray, idx_approx: np.ndarray) -> float:
+    """Fraction of exact neighbour ids that the approximate kNN returned."""
+    k = idx_exact.shape[1]
+    hit = (idx_exact[:, :, None] == idx_approx[:, None, :]).any(axis=2) & (idx_exact >= 0)
+    return float(hit.sum() / max((idx_exact >= 0).sum(), 1)) if k else 1.0
+
+
+def _knn_block_task(base, index_bytes, queries, lo, hi, k, self_knn, threads):
+    """One Ray task: queries [lo, hi) (rows of base when self_knn) against the whole base."""
+    x = base
+    q = x[lo:hi] if self_knn else queries[lo:hi]
+    index = load_index(index_bytes) if index_bytes is not None else build_search_index(x, exact=True,
+                                                                                      threads=threads)
+    _faiss(threads)
+    kk = min(k + 1 if self_knn else k, len(x))
+    sims, idx = search(index, q, kk)
+    if self_knn:
+        sims, idx = _drop_self(sims, idx, np.arange(lo, hi), kk - 1)
+    return lo, sims, idx
+
+
+def knn_distributed(base: np.ndarray, k: int, queries: np.ndarray | None = None, *,
+                    exact: bool | None = None, block_rows: int = 100_000, threads: int | None = 1,
+                    num_cpus: float = 1, max_in_flight: int | None = None,
+                    index=None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`knn` as Ray tasks over blocks of query rows (needs ``ray.init`` done by the caller).
+
+    The base goes into the object store once (``ray.put``); for the approximate case the index
+    is built once here (or ``index`` is used), serialised and put once too, so every task
+    searches the same index and the result equals the in-process :func:`knn` over that index. Each task returns the
+    top-k of its block; blocks are concatenated in query order."""
+    import ray
+
+    x = _as_f32(base)
+    self_knn = queries is None
+    q = None if self_knn else _as_f32(queries)
+    nq = len(x) if self_knn else len(q)
+    if exact is None:
+        exact = len(x) <= EXACT_MAX
+    if index is None and not exact:
+        index = build_search_index(x, exact=False, threads=threads)
+    index_ref = None if index is None else ray.put(save_index(index))
+    base_ref = ray.put(x)
+    q_ref = None if self_knn else ray.put(q)
+    task = ray.remote(num_cpus=num_cpus)(_knn_block_task)
+    sims = np.full((nq, k), -np.inf, np.float32)
+    idx = np.full((nq, k), -1, np.int64)
+    pending = []
+    limit = max_in_flight or max(2, int(ray.available_resources().get("CPU", 2)) * 2)
+
+    def collect(done):
+        for lo, s, i in ray.get(done):
+            sims[lo:lo + len(s), : s.shape[1]] = s
+            idx[lo:lo + len(i), : i.shape[1]] = i
+
+    for lo in range(0, nq, block_rows):
+        if len(pending) >= limit:
+            done, pending = ray.wait(pending, num_returns=1)
+            collect(done)
+        pending.append(task.remote(base_ref, index_ref, q_ref, lo, min(lo + block_rows, nq), k, self_knn, threads))
+    collect(pending)
+    sims[idx < 0] = -np.inf
+    return sims, idx
+
+
+# ---------------------------------------------------------------------------------------------
+# Clustering
+
+def _dense(keys: np.ndarray) -> np.ndarray:
+    return np.unique(np.asarray(keys).ravel(), return_inverse=True)[1].astype(np.int64)
+
+
+def _rowdot(a: np.ndarray, b: np.ndarray, ia: np.ndarray, ib: np.ndarray, chunk: int = 262_144) -> np.ndarray:
+    """sum(a[ia] * b[ib], axis=1) in chunks (float32)."""
+    out = np.empty(len(ia), np.float32)
+    for lo in range(0, len(ia), chunk):
+        hi = lo + chunk
+        out[lo:hi] = np.einsum("ij,ij->i", a[ia[lo:hi]], b[ib[lo:hi]])
+    return out
+
+
+def _best_per_source(src: np.ndarray, dst: np.ndarray, w: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each node < m: the neighbour of highest weight (ties: lower id), -1 if none."""
+    order = np.lexsort((dst, -w, src))
+    s = src[order]
+    first = np.ones(len(s), bool)
+    first[1:] = s[1:] != s[:-1]
+    best = np.full(m, -1, np.int64)
+    bw = np.full(m, -np.inf, np.float32)
+    best[s[first]] = dst[order][first]
+    bw[s[first]] = w[order][first]
+    return best, bw
+
+
+def _clashes(group: np.ndarray, lab: np.ndarray, img: np.ndarray, multi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cannot-link clashes of a proposed multi-way merge. ``group[c]`` = the group cluster c
+    would join (-1: none). Returns (part_a, part_b): pairs of clusters of one group that hold
+    faces of one photo."""
+    if not len(multi):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    fl = lab[multi]
+    g = group[fl]
+    sel = g >= 0
+    if not sel.any():
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    key = img[multi][sel] * len(group) + g[sel]
+    part = fl[sel]
+    order = np.lexsort((part, key))
+    key, part = key[order], part[order]
+    clash = (key[1:] == key[:-1]) & (part[1:] != part[:-1])
+    return part[:-1][clash], part[1:][clash]
+
+
+def cluster(embeddings: np.ndarray, image_keys: np.ndarray, *, threshold: float = CLUSTER_THRESHOLD,
+            k: int = K, min_size: int = MIN_SIZE, names: np.ndarray | None = None,
+            knn_graph: tuple[np.ndarray, np.ndarray] | None = None, exact: bool | None = None,
+            threads: int | None = None, max_rounds: int = 200, stats: dict | None = None) -> np.ndarray:
+    """Cluster faces into people: int64 label per face, -1 = no person (noise or too small).
+
+    Average linkage (UPGMA on cosine) restricted to the kNN graph cut at ``threshold``, with
+    cannot-link (never two faces of one photo, ``image_keys``) and name constraints (``names``:
+    int per face, -1 = unlabelled; one name -> one cluster, never two names in one cluster).
+    Clusters of fewer than ``min_size`` faces get -1 unless they carry a name. Labels are
+    0..m-1 by decreasing size. ``knn_graph`` = (sims, idx) of :func:`knn` to reuse one."""
+    x = _as_f32(embeddings)
+    n = len(x)
+    img = _dense(image_keys)
+    if len(img) != n:
+        raise ValueError("image_keys must have one entry per face")
+    if n == 0:
+        return np.zeros(0, np.int64)
+    nm = np.full(n, -1, np.int64) if names is None else np.asarray(names, np.int64).ravel()
+    if len(nm) != n:
+        raise ValueError("names must have one entry per face")
+    if knn_graph is None:
+        knn_graph = knn(x, k, exact=exact, threads=threads)
+    ksims, kidx = knn_graph
+
+    # Edges: undirected kNN pairs with similarity >= threshold, not within one photo.
+    rows = np.repeat(np.arange(n, dtype=np.int64), kidx.shape[1])
+    cols = kidx.ravel().astype(np.int64)
+    keep = (cols >= 0) & (ksims.ravel() >= threshold)
+    rows, cols = rows[keep], cols[keep]
+    keep = img[rows] != img[cols]
+    lo, hi = np.minimum(rows[keep], cols[keep]), np.maximum(rows[keep], cols[keep])
+    e = np.unique(lo * n + hi)
+    ea, eb = e // n, e % n
+
+    # Clusters: start from one per face, faces of one name pre-merged (names win over photos).
+    lab = np.arange(n, dtype=np.int64)
+    labelled = np.flatnonzero(nm >= 0)
+    if len(labelled):
+        _, first = np.unique(nm[labelled], return_index=True)
+        rep = np.full(nm.max() + 1, -1, np.int64)
+        rep[nm[labelled][first]] = labelled[first]
+        lab[labelled] = rep[nm[labelled]]
+    sums = np.zeros((n, x.shape[1]), np.float32)
+    np.add.at(sums, lab, x) if len(labelled) else sums.__setitem__(slice(None), x)
+    count = np.bincount(lab, minlength=n).astype(np.int64)
+    name_of = np.full(n, -1, np.int64)
+    name_of[lab[labelled]] = nm[labelled]
+    img_count = np.bincount(img)
+    multi = np.flatnonzero(img_count[img] > 1)  # only faces sharing a photo can clash
+
+    # Edge weights: average linkage = sum_a . sum_b / (n_a n_b)
+    ea, eb = lab[ea], lab[eb]
+    e = np.unique(np.minimum(ea, eb) * n + np.maximum(ea, eb))
+    e = e[e // n != e % n]
+    ea, eb = e // n, e % n
+    w = _rowdot(sums, sums, ea, eb) / (count[ea] * count[eb]).astype(np.float32)
+    rounds = merges = rejected = 0
+    while len(ea) and rounds < max_rounds:
+        keep = w >= threshold
+        ea, eb, w = ea[keep], eb[keep], w[keep]
+        if not len(ea):
+            break
+        rounds += 1
+        best, _ = _best_per_source(np.concatenate([ea, eb]), np.concatenate([eb, ea]),
+                                   np.concatenate([w, w]), n)
+        cand = np.flatnonzero(best >= 0)
+        core = cand[best[best[cand]] == cand]            # in a reciprocal best pair
+        group = np.full(n, -1, np.int64)
+        group[core] = np.minimum(core, best[core])
+        # Stars: a cluster whose best partner is in a reciprocal pair joins that pair's merge.
+        member = cand[(group[cand] < 0) & (group[best[cand]] >= 0)]
+        group[member] = group[best[member]]
+        is_core = np.zeros(n, bool)
+        is_core[core] = True
+        # Names: a member with a name joins only a core of the same name.
+        gname = np.full(n, -1, np.int64)
+        np.maximum.at(gname, group[core], name_of[core])
+        core_names_differ = np.zeros(n, bool)
+        core_names_differ[group[core]] = (name_of[core] >= 0) & (name_of[best[core]] >= 0) & (
+            name_of[core] != name_of[best[core]])
+        bad_member = member[(name_of[member] >= 0) & (name_of[member] != gname[group[member]])]
+        group[bad_member] = -1
+        # Cannot-link: members that clash are left out; cores that clash are a forbidden pair.
+        pa, pb = _clashes(group, lab, img, multi)
+        forbid = np.unique(np.concatenate([group[pa[is_core[pa] & is_core[pb]]], np.flatnonzero(core_names_differ)]))
+        group[pa[~is_core[pa]]] = -1
+        group[pb[~is_core[pb]]] = -1
+        if len(forbid):
+            rejected += len(forbid)
+            fa = forbid
+            fb = best[forbid]
+            drop = np.isin(np.minimum(ea, eb) * n + np.maximum(ea, eb), np.minimum(fa, fb) * n + np.maximum(fa, fb))
+            ea, eb, w = ea[~drop], eb[~drop], w[~drop]
+            bad = np.zeros(n, bool)
+            bad[forbid] = True
+            group[(group >= 0) & bad[np.maximum(group, 0)]] = -1
+        # Cohesion: a star merges only when the average similarity over all its cross-part face
+        # pairs is >= threshold (multi-way average linkage); else only its reciprocal pair merges.
+        parts = np.flatnonzero(group >= 0)
+        if not len(parts):
+            continue
+        gp = group[parts]
+        uniq_g, ginv = np.unique(gp, return_inverse=True)
+        gs = np.zeros((len(uniq_g), x.shape[1]), np.float32)
+        np.add.at(gs, ginv, sums[parts])
+        gn = np.bincount(ginv, weights=count[parts]).astype(np.float64)
+        self_dot = np.einsum("ij,ij->i", sums[parts], sums[parts]).astype(np.float64)
+        self_n2 = count[parts].astype(np.float64) ** 2
+        num = np.einsum("ij,ij->i", gs, gs) - np.bincount(ginv, weights=self_dot)
+        den = gn ** 2 - np.bincount(ginv, weights=self_n2)
+        weak = num / np.maximum(den, 1) < threshold
+        if weak.any():
+            drop_member = weak[ginv] & ~is_core[parts]
+            group[parts[drop_member]] = -1
+            parts = parts[~drop_member]
+            gp = group[parts]
+        nonroot = parts[parts != gp]
+        roots = group[nonroot]
+        merges += len(nonroot)
+        newid = np.arange(n, dtype=np.int64)
+        newid[nonroot] = roots
+        np.add.at(sums, roots, sums[nonroot])
+        np.add.at(count, roots, count[nonroot])
+        count[nonroot] = 0
+        np.maximum.at(name_of, roots, name_of[nonroot])
+        lab = newid[lab]
+        changed = np.zeros(n, bool)
+        changed[roots] = True
+        ea, eb = newid[ea], newid[eb]
+        key = np.minimum(ea, eb) * n + np.maximum(ea, eb)
+        selfloop = ea == eb
+        key, w, ch = key[~selfloop], w[~selfloop], changed[ea[~selfloop]] | changed[eb[~selfloop]]
+        # edges touching a merged cluster: recompute once per distinct pair
+        kc = np.unique(key[ch])
+        kk = key[~ch]
+        ea = np.concatenate([kk // n, kc // n])
+        eb = np.concatenate([kk % n, kc % n])
+        wc = _rowdot(sums, sums, kc // n, kc % n) / (count[kc // n] * count[kc % n]).astype(np.float32)
+        w = np.concatenate([w[~ch], wc])
+
+    # Final labels: -1 for small unnamed clusters, 0.. by decreasing size.
+    size = count[lab]
+    ok = (size >= min_size) | (name_of[lab] >= 0)
+    out = np.full(n, -1, np.int64)
+    if ok.any():
+        roots, inv = np.unique(lab[ok], return_inverse=True)
+        order = np.lexsort((roots, -count[roots]))
+        rank = np.empty(len(roots), np.int64)
+        rank[order] = np.arange(len(roots))
+        out[ok] = rank[inv]
+    if stats is not None:
+        stats.update(rounds=rounds, merges=merges, rejected_merges=rejected, clusters=int(out.max() + 1))
+    return out
+
+
+def cannot_link_violations(labels: np.ndarray, image_keys: np.ndarray) -> int:
+    """Number of (photo, person) pairs with more than one face (labels -1 ignored)."""
+    labels = np.asarray(labels)
+    sel = labels >= 0
+    key = np.stack([_dense(image_keys)[sel], labels[sel]], 1)
+    _, c = np.unique(key, axis=0, return_counts=True)
+    return int((c > 1).sum())
+
+
+def centroids(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unique labels >= 0 (int64, sorted), L2-normalised mean embedding per label (float32))."""
+    x = _as_f32(embeddings)
+    labels = np.asarray(labels, np.int64)
+    sel = labels >= 0
+    uniq, inv = np.unique(labels[sel], return_inverse=True)
+    sums = np.zeros((len(uniq), x.shape[1]), np.float64)
+    np.add.at(sums, inv, x[sel])
+    sums /= np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+    return uniq, sums.astype(np.float32)
+
+
+def assign(new_embeddings: np.ndarray, centroids: np.ndarray, threshold: float = ASSIGN_THRESHOLD, *,
+           image_keys_new: np.ndarray | None = None, k: int = 1,
+           threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Assign new faces to existing persons: (row of ``centroids`` int64, -1 = none; cosine to that
+    centroid float32, of the best person even when unassigned).
+
+    A face goes to its most similar centroid when the cosine is >= ``threshold``. Cannot-link:
+    of the new faces of one photo (``image_keys_new``) that would go to the same person, only
+    the most similar one does; the others stay unassigned (for the pool)."""
+    faiss = _faiss(threads)
+    q = _as_f32(new_embeddings)
+    c = _as_f32(centroids)
+    if len(c) == 0 or len(q) == 0:
+        return np.full(len(q), -1, np.int64), np.full(len(q), -np.inf, np.float32)
+    index = faiss.IndexFlatIP(c.shape[1])
+    index.add(c)
+    sims, idx = search(index, q, 1)
+    sim, person = sims[:, 0], idx[:, 0].astype(np.int64)
+    person = np.where(sim >= threshold, person, -1)
+    if image_keys_new is not None:
+        img = _dense(image_keys_new)
+        sel = np.flatnonzero(person >= 0)
+        order = sel[np.lexsort((-sim[sel], person[sel], img[sel]))]
+        dup = np.zeros(len(order), bool)
+        dup[1:] = (img[order][1:] == img[order][:-1]) & (person[order][1:] == person[order][:-1])
+        person[order[dup]] = -1
+    return person, sim

@@ -1,4 +1,4 @@
-"""The `facebatch` command: detect, index, demo, compact."""
+"""The `facebatch` command: detect, index, demo, compact, people, search."""
 
 from __future__ import annotations
 
@@ -186,6 +186,152 @@ def run_compact_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    return value
+
+
+def add_people_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `facebatch people` and jobs/cluster_people.py (the `ray job submit` entrypoint)."""
+    from .people import PeopleConfig, QualityFilter
+
+    defaults, quality = PeopleConfig(out="-"), QualityFilter()
+    parser.add_argument("out", help="the index root given to `facebatch index --out` (local directory or s3://bucket/prefix)")
+    parser.add_argument("--pipeline-version", help="cluster the faces of this pipeline version (default: the newest in OUT)")
+    parser.add_argument("--full", action="store_true", help="recluster every face instead of placing only the new ones; old person ids are kept by largest overlap")
+    parser.add_argument("--labels", help="CSV or Parquet (local or s3://) with image_id, face_index, name: names seed persons")
+    group = parser.add_argument_group("clustering")
+    group.add_argument("--threshold", type=_fraction, default=defaults.threshold, help="same-person cosine similarity (default %(default)s)")
+    group.add_argument("--k", type=_positive_int, default=defaults.k, help="neighbours per face in the kNN graph (default %(default)s)")
+    group.add_argument("--min-size", type=_positive_int, default=defaults.min_size, help="smallest unlabelled cluster that becomes a person (default %(default)s)")
+    group.add_argument("--knn", choices=["auto", "local", "ray"], default=defaults.knn,
+                       help="build the kNN graph in this process or in Ray tasks (default auto: Ray on a cluster or above 200,000 faces)")
+    group = parser.add_argument_group("quality filter (filtered faces stay searchable)")
+    group.add_argument("--min-score", type=_fraction, default=quality.min_score, help="detection score (default %(default)s)")
+    group.add_argument("--min-face-size", type=_fraction, default=quality.min_face_size, help="shorter box side in pixels (default %(default)s)")
+    group.add_argument("--max-abs-yaw", type=_fraction, default=quality.max_abs_yaw, help="yaw proxy, 0 frontal .. 1 profile (default %(default)s)")
+    group.add_argument("--min-sharpness", type=_fraction, default=quality.min_sharpness, help="variance of the Laplacian of the chip (default %(default)s)")
+    parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    parser.add_argument("--ray-address", help="Ray cluster address for --knn ray (default: RAY_ADDRESS, or a local Ray instance)")
+    parser.add_argument("--run-id", help="explicit run id (default: people-<UTC timestamp>-<random>)")
+
+
+def people_config_from_args(args: argparse.Namespace):
+    from .people import PeopleConfig, QualityFilter
+
+    return PeopleConfig(
+        out=args.out,
+        pipeline_version=args.pipeline_version,
+        full=args.full,
+        labels=args.labels,
+        threshold=args.threshold,
+        k=args.k,
+        min_size=args.min_size,
+        knn=args.knn,
+        quality=QualityFilter(min_score=args.min_score, min_face_size=args.min_face_size,
+                              max_abs_yaw=args.max_abs_yaw, min_sharpness=args.min_sharpness),
+        s3_endpoint=args.s3_endpoint,
+        run_id=args.run_id,
+    ).validate()
+
+
+def format_people_summary(record: dict) -> str:
+    faces = record["faces"]
+    lines = [
+        f"people run {record['run_id']} ({record['mode']}, pipeline {record['pipeline_version']}) -> {record['out']}",
+        f"  {faces['faces']} faces: {faces.get('new_faces', 0)} new, {faces.get('assigned_to_existing', 0)} assigned to existing persons, "
+        f"{faces['filtered']} filtered, {faces['unassigned']} unassigned",
+        f"  {faces['persons']} persons ({faces.get('new_persons', 0)} new, {faces.get('named_persons', 0)} named)",
+    ]
+    return "\n".join(lines)
+
+
+def run_people_command(args: argparse.Namespace) -> int:
+    from .people import run_people
+
+    config = people_config_from_args(args)
+    summary = run_people(config, ray_address=args.ray_address)
+    print(format_people_summary(summary.record))
+    return 0
+
+
+def run_search_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import IndexConfig, pipeline_version
+    from .decode import DecodeError, decode_image
+    from .embedder import COSINE_THRESHOLD
+    from .inference import FaceAnalyzer
+    from .models import model_hashes
+    from .people import SearchIndex, persons_of
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    index = SearchIndex.load(args.index, args.pipeline_version, args.s3_endpoint)
+    defaults = IndexConfig(source="-", out=args.index)
+    ours = pipeline_version(model_hashes(embed=True), defaults)
+    if index.version != ours:
+        raise ConfigError(
+            f"the search index at {args.index} is for pipeline version {index.version}, but this facebatch embeds query "
+            f"photos as pipeline version {ours} (other models, parameters or code): index the archive with this version "
+            "and run `facebatch people` again"
+        )
+    analyzer = FaceAnalyzer(device=args.device, detector_params=defaults.detector, embed=True)
+    answered = 0
+    for path in args.photos:
+        try:
+            if path.startswith(("s3://", "s3a://")):
+                from .storage import FetchError, fetch_bytes
+
+                try:
+                    data = fetch_bytes(path, endpoint=args.s3_endpoint)
+                except FetchError as exc:
+                    raise OSError(str(exc)) from exc
+            else:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+            img = decode_image(data, max_pixels=defaults.max_pixels, max_side=defaults.max_side)
+        except DecodeError as exc:
+            _search_line(args, {"path": path, "error": f"{exc.status}: {exc.message}", "faces": []})
+            continue
+        except OSError as exc:
+            _search_line(args, {"path": path, "error": f"unreadable: {exc.strerror or exc}", "faces": []})
+            continue
+        result = analyzer.analyze([img.rgb], [img.scale])[0]
+        matches = index.query(result.embeddings, top_k=args.top_k, min_similarity=args.min_similarity)
+        faces = []
+        for k in range(len(result)):
+            faces.append({
+                "face_index": k,
+                "box": [round(float(v), 2) for v in result.boxes[k]],
+                "score": round(float(result.scores[k]), 6),
+                "matches": matches[k],
+                "persons": persons_of(matches[k], COSINE_THRESHOLD),
+            })
+        _search_line(args, {"path": path, "error": None, "faces": faces})
+        answered += 1
+    return 0 if answered else 1
+
+
+def _search_line(args: argparse.Namespace, entry: dict) -> None:
+    if args.json:
+        sys.stdout.write(json.dumps(entry) + "\n")
+    elif entry["error"]:
+        sys.stdout.write(f"{entry['path']}: error: {entry['error']}\n")
+    elif not entry["faces"]:
+        sys.stdout.write(f"{entry['path']}: no face found\n")
+    else:
+        for face in entry["faces"]:
+            who = ", ".join(f"{p['name'] or p['person_id']} ({p['similarity']:.3f})" for p in face["persons"]) or "nobody known"
+            sys.stdout.write(f"{entry['path']} face {face['face_index']}: {who}\n")
+            for m in face["matches"]:
+                sys.stdout.write(f"    {m['similarity']:.3f}  {m['image_id']}#{m['face_index']}  {m['name'] or m['person_id'] or '-'}\n")
+    sys.stdout.flush()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facebatch", description="Find and fingerprint every face in a photo archive.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -216,6 +362,22 @@ def build_parser() -> argparse.ArgumentParser:
     compact.add_argument("--target-rows", type=_positive_int, default=2_000_000, help="rows per output file (default %(default)s)")
     compact.add_argument("--s3-endpoint")
     compact.set_defaults(func=run_compact_command)
+
+    people = sub.add_parser("people", help="group the indexed faces into persons (incremental; publishes people, face_people and a search index)")
+    add_people_options(people)
+    people.set_defaults(func=run_people_command)
+
+    search = sub.add_parser("search", help="find the indexed faces and persons most similar to the faces in photos")
+    search.add_argument("photos", nargs="+", help="query photos (local paths or s3://)")
+    search.add_argument("--index", required=True, help="the index root (OUT of `facebatch index` + `facebatch people`)")
+    search.add_argument("--top-k", type=_positive_int, default=20, help="matches per query face (default %(default)s)")
+    search.add_argument("--min-similarity", type=_fraction, default=-1.0, help="drop matches below this cosine similarity (default: none)")
+    search.add_argument("--pipeline-version", help="search this version's index (default: the newest)")
+    search.add_argument("--json", action="store_true", help="one JSON object per photo")
+    search.add_argument("--device", default="auto")
+    search.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    search.add_argument("--s3-endpoint")
+    search.set_defaults(func=run_search_command)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""DuckDB over the published tables: `connect(OUT)` gives views `images` and `faces`.
+"""DuckDB over the published tables: `connect(OUT)` gives views `images`, `faces`, `people` and `face_people`.
 
 DuckDB extensions cannot be downloaded on air-gapped clusters (nor here), so httpfs (S3) and vss
 (HNSW indexes) are loaded from the `duckdb-extension-*` wheels when they are installed.
@@ -58,7 +58,7 @@ def configure_s3(con: duckdb.DuckDBPyConnection, endpoint: str | None = None) ->
 
 
 def connect(out: str, endpoint: str | None = None, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with views `images` and `faces` over OUT's published Parquet files."""
+    """A DuckDB connection with views `images`, `faces`, `people` and `face_people` over OUT's published Parquet files."""
     con = duckdb.connect(database)
     location = storage.parse_location(out)
     if location.is_s3:
@@ -72,4 +72,21 @@ def connect(out: str, endpoint: str | None = None, database: str = ":memory:") -
         glob = location.join(name).uri().rstrip("/") + "/*.parquet"
         literal = glob.replace("'", "''")  # paths may contain quotes
         con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{literal}')")
+    _people_views(con, location, endpoint)
     return con
+
+
+def _people_views(con: duckdb.DuckDBPyConnection, location: storage.Location, endpoint: str | None) -> None:
+    """Views `people` and `face_people`: the committed generation of every pipeline version
+    (read through its pointer, so a people run being published is seen whole or not at all)."""
+    from .people import PEOPLE_TABLES, current_generations, generation_file
+
+    generations = current_generations(location, endpoint)
+    for name, schema in PEOPLE_TABLES.items():
+        uris = [generation_file(location, pointer, name).uri() for pointer in generations.values()]
+        if not uris:
+            con.register(f"_empty_{name}", schema.empty_table())
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM _empty_{name}")
+            continue
+        literal = ", ".join("'" + u.replace("'", "''") + "'" for u in uris)
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet([{literal}])")

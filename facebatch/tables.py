@@ -407,6 +407,14 @@ def recover_staging(out: storage.Location, endpoint: str | None = None) -> list[
         if _is_live(fs, out, run_id):
             actions.append({"run_id": run_id, "action": "left alone: another run is writing it"})
             continue
+        if run_id.startswith("people-"):
+            from .people import finish_people_swap
+
+            finished = finish_people_swap(out, run_id, endpoint)
+            if not finished:
+                _delete_tree(fs, out.join("_staging", run_id))
+            actions.append({"run_id": run_id, "action": "finished people run" if finished else "discarded people run"})
+            continue
         if run_id.startswith("compact-"):
             from .compact import finish_compaction
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,6 +67,23 @@ def test_ray_job_submit_indexes_an_archive(ray_head, tmp_path):
     assert rows[str(tmp_path / "archive" / "broken" / "not_a_photo.jpg")] == "not_image"
     faces = con.sql(f"SELECT count(*) FROM read_parquet('{out}/faces/*.parquet')").fetchone()[0]
     assert faces >= 6  # astronaut, 3 in the group scene, the sideways one, the tilted one
+
+    # The people job on the same index, its kNN graph built by Ray tasks on the cluster.
+    people = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", f"facebatch-people-{os.getpid()}", "--",
+         sys.executable, str(REPO / "jobs" / "cluster_people.py"), str(out), "--knn", "ray"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert people.returncode == 0, people.stdout[-4000:] + people.stderr[-4000:]
+    assert "persons" in people.stdout
+    from facebatch.query import connect
+
+    con_people = connect(str(out))
+    assert con_people.execute("SELECT count(*) FROM face_people").fetchone()[0] == faces
+    # Every copy of the astronaut is one person, except where two copies share a photo.
+    assert con_people.execute("SELECT count(*) FROM people").fetchone()[0] >= 1
+    record = json.loads(max((out / "_runs").glob("people-*.json")).read_text())
+    assert record["knn"] == "ray"
 
     # A bad argument fails the job fast with a message, and `ray job submit` exits non-zero.
     bad = subprocess.run(

@@ -42,6 +42,45 @@ def load_entrypoint_module():
     return module
 
 
+def load_people_entrypoint_module():
+    """jobs/cluster_people.py imported from the repository (not an installed copy)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    spec = importlib.util.spec_from_file_location("facebatch_jobs_cluster_people", REPO / "jobs" / "cluster_people.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def entrypoint_commands(entrypoint: str) -> list[list[str]]:
+    """A RayJob entrypoint (run through a shell by Ray) as its `&&`-chained commands."""
+    commands, current = [], []
+    for token in shlex.split(entrypoint):
+        if token == "&&":
+            commands.append(current)
+            current = []
+        else:
+            current.append(token)
+    return commands + [current]
+
+
+def assert_people_entrypoint_accepts(argv: list[str], script_root: Path | str = REPO, image_paths: bool = False) -> None:
+    assert argv[0] in ("python", "python3"), argv
+    script = argv[1]
+    if image_paths:
+        assert script.startswith(IMAGE_APP_DIR + "/"), f"{script}: use the absolute path inside the image"
+        script = script[len(IMAGE_APP_DIR) + 1:]
+    assert (Path(script_root) / script).resolve() == (REPO / "jobs" / "cluster_people.py").resolve(), script
+    parser = load_people_entrypoint_module().build_parser()
+    try:
+        args = parser.parse_args(argv[2:])
+    except SystemExit as exc:
+        pytest.fail(f"jobs/cluster_people.py rejects {argv[2:]} (exit {exc.code})")
+    from facebatch.cli import people_config_from_args
+
+    people_config_from_args(args)
+
+
 def assert_entrypoint_accepts(argv: list[str], script_root: Path | str = REPO, image_paths: bool = False) -> None:
     """argv is `python <script> args...`; the script must exist and its parser must accept the args."""
     assert argv[0] in ("python", "python3"), argv
@@ -144,9 +183,12 @@ def check_rayjob_spec(spec: dict) -> None:
             assert any(refs), f"container {c['name']} gets no credentials from a Secret"
             assert not any(e.get("name", "").startswith("AWS_") and "value" in e for e in c.get("env", []))
 
-    argv = shlex.split(spec["entrypoint"])
+    argv, people = entrypoint_commands(spec["entrypoint"])
     assert_entrypoint_accepts(argv, image_paths=True)
     args = load_entrypoint_module().build_parser().parse_args(argv[2:])
+    # The people run follows on the same OUT.
+    assert_people_entrypoint_accepts(people, image_paths=True)
+    assert people[2] == args.out
     # The full GPU pool is asked for, so the autoscaler can grow to maxReplicas.
     assert args.device == "cuda"
     assert args.num_actors == sum(g["maxReplicas"] for g in gpu_groups)
@@ -554,7 +596,8 @@ def cron_env(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "ray").write_text(
-        '#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$FAKE_RAY_ARGV"\necho "fake ray: job log line"\n'
+        '#!/usr/bin/env bash\nprintf "%s\\0" "$@" >> "$FAKE_RAY_ARGV"\nprintf "\\1\\0" >> "$FAKE_RAY_ARGV"\n'
+        'echo "fake ray: job log line"\n'
         'exit "${FAKE_SUBMIT_RC:-0}"\n')
     # Called as: python -c CODE active PREFIX | python -c CODE wait ID
     (bin_dir / "python").write_text(
@@ -577,6 +620,20 @@ def cron_env(tmp_path):
     return env, tmp_path
 
 
+def ray_calls(tmp: Path) -> list[list[str]]:
+    """Every argv the fake ray CLI was called with, in order (then forgotten)."""
+    fields = (tmp / "ray-argv").read_text().split("\0")[:-1]
+    (tmp / "ray-argv").unlink()
+    calls, current = [], []
+    for field in fields:
+        if field == "\1":
+            calls.append(current)
+            current = []
+        else:
+            current.append(field)
+    return calls
+
+
 def run_cron(env, **extra):
     return subprocess.run(["bash", str(CRON)], env={**env, **extra}, capture_output=True, text=True, timeout=30)
 
@@ -585,7 +642,9 @@ def test_cron_script_submits_an_accepted_command(cron_env):
     env, tmp = cron_env
     result = run_cron(env)
     assert result.returncode == 0, result.stdout + result.stderr
-    argv = (tmp / "ray-argv").read_text().split("\0")[:-1]
+    calls = ray_calls(tmp)
+    assert len(calls) == 2  # the index run, then the people run
+    argv = calls[0]
     assert argv[:2] == ["job", "submit"]
     split = argv.index("--")
     options, command = argv[:split], argv[split + 1:]
@@ -599,13 +658,30 @@ def test_cron_script_submits_an_accepted_command(cron_env):
     # One log file per run, named after the submission.
     log = (tmp / "logs" / f"{submission_id}.log").read_text()
     assert "fake ray: job log line" in log and "succeeded" in log
+    people = calls[1]
+    assert people[people.index("--submission-id") + 1] == submission_id + "-people"
+    people_command = people[people.index("--") + 1:]
+    assert people_command[2] == "s3://index/facebatch/"
+    assert_people_entrypoint_accepts(people_command, script_root=working_dir)
+    assert "people run succeeded" in log
 
     custom = run_cron(env, FACEBATCH_ARGS="--device auto --num-actors 2 --limit 1000")
     assert custom.returncode == 0, custom.stdout + custom.stderr
-    command = (tmp / "ray-argv").read_text().split("\0")[:-1]
+    command = ray_calls(tmp)[0]
     command = command[command.index("--") + 1:]
     assert command[-6:] == ["--device", "auto", "--num-actors", "2", "--limit", "1000"]
     assert_entrypoint_accepts(command, script_root=working_dir)
+
+    # Index only, or people with options of its own.
+    assert run_cron(env, FACEBATCH_PEOPLE="0").returncode == 0
+    assert len(ray_calls(tmp)) == 1
+    labelled = run_cron(env, FACEBATCH_PEOPLE_ARGS="--labels s3://index/labels.csv --full")
+    assert labelled.returncode == 0, labelled.stdout + labelled.stderr
+    people = ray_calls(tmp)[1]
+    people = people[people.index("--") + 1:]
+    assert people[-3:] == ["--labels", "s3://index/labels.csv", "--full"]
+    assert_people_entrypoint_accepts(people, script_root=working_dir)
+    assert run_cron(env, FACEBATCH_PEOPLE="yes").returncode == 2
 
 
 @pytest.mark.parametrize("status, submit_rc", [("FAILED", 1), ("STOPPED", 0), ("MISSING", 1)])

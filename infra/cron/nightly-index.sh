@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Nightly incremental facebatch run on an existing Ray cluster, for users without Kubernetes
+# Nightly incremental facebatch run (index, then people) on an existing Ray cluster, for users without Kubernetes
 # (e.g. one started with `ray up infra/aws/cluster.yaml`). Run it from cron on a host that reaches the
 # cluster's dashboard port (8265) and has the same Ray version as the cluster (2.60.0):
 #
@@ -15,6 +15,10 @@
 #                      holding this script); its code runs on the cluster, on top of the image's packages
 #   FACEBATCH_LOG_DIR  one log file per run (default ~/.local/state/facebatch), kept 60 days
 #   FACEBATCH_LOCK     lock file that keeps two nights from overlapping (default FACEBATCH_LOG_DIR/nightly.lock)
+#   FACEBATCH_PEOPLE   1 (default): after a successful index run, run jobs/cluster_people.py on OUT
+#                      (new faces join their persons, the rest are clustered; 0 = index only)
+#   FACEBATCH_PEOPLE_ARGS  more options for jobs/cluster_people.py (default none), e.g.
+#                      "--labels s3://index/labels.csv"
 #   RAY_BIN            the ray CLI (default: `ray` on PATH)
 #   FACEBATCH_PYTHON   a Python with the ray package (default: the python next to RAY_BIN)
 # Ray token authentication (Ray >= 2.52; Ray 2.61 turns it on for every cluster): export
@@ -39,6 +43,9 @@ LOG_DIR="${FACEBATCH_LOG_DIR:-$HOME/.local/state/facebatch}"
 LOCK_FILE="${FACEBATCH_LOCK:-$LOG_DIR/nightly.lock}"
 RAY_BIN="${RAY_BIN:-ray}"
 read -r -a EXTRA_ARGS <<< "${FACEBATCH_ARGS:---device cuda --num-actors 4}"
+read -r -a PEOPLE_ARGS <<< "${FACEBATCH_PEOPLE_ARGS:-}"
+RUN_PEOPLE="${FACEBATCH_PEOPLE:-1}"
+[[ "$RUN_PEOPLE" == 0 || "$RUN_PEOPLE" == 1 ]] || die "FACEBATCH_PEOPLE must be 0 or 1, got $RUN_PEOPLE"
 
 command -v "$RAY_BIN" > /dev/null || die "ray CLI not found ($RAY_BIN); install ray[default]==2.60.0 or set RAY_BIN"
 PYTHON_BIN="${FACEBATCH_PYTHON:-$(dirname "$(command -v "$RAY_BIN")")/python}"
@@ -127,11 +134,33 @@ submit_rc=0
     9>&- || submit_rc=$?
 log "ray job submit exited with $submit_rc"
 
-status_rc=0
-final="$("$PYTHON_BIN" -c "$STATUS_PY" wait "$SUBMISSION_ID" 9>&-)" || status_rc=$?
-log "final status of $SUBMISSION_ID: $final"
-case "$status_rc" in
-    0) log "succeeded; the run record is OUT/_runs/<run_id>.json"; exit 0 ;;
-    3) log "the job was never created (ray job submit exited with $submit_rc)"; exit 1 ;;
-    *) log "failed; see the log above or: ray job logs $SUBMISSION_ID. Rerunning is safe (incremental)."; exit 1 ;;
-esac
+# final_status ID SUBMIT_RC: waits for the job's final status; returns 0 when it succeeded.
+final_status() {
+    local status_rc=0 final
+    final="$("$PYTHON_BIN" -c "$STATUS_PY" wait "$1" 9>&-)" || status_rc=$?
+    log "final status of $1: $final"
+    case "$status_rc" in
+        0) return 0 ;;
+        3) log "the job was never created (ray job submit exited with $2)"; return 1 ;;
+        *) log "failed; see the log above or: ray job logs $1. Rerunning is safe (incremental)."; return 1 ;;
+    esac
+}
+
+final_status "$SUBMISSION_ID" "$submit_rc" || exit 1
+log "index run succeeded; its run record is OUT/_runs/<run_id>.json"
+[[ "$RUN_PEOPLE" == 1 ]] || exit 0
+
+# People: the faces that are new tonight join their persons (or form new ones), and the search
+# index is rebuilt. Same working directory, same lock, a submission of its own.
+submit_rc=0
+"$RAY_BIN" job submit \
+    --address "$RAY_ADDRESS" \
+    --submission-id "$SUBMISSION_ID-people" \
+    --working-dir "$REPO_DIR" \
+    --runtime-env-json '{"excludes": [".git", "tests", "bench", "infra", "data"]}' \
+    -- python jobs/cluster_people.py "$FACEBATCH_OUT" "${PEOPLE_ARGS[@]}" \
+    9>&- || submit_rc=$?
+log "ray job submit (people) exited with $submit_rc"
+final_status "$SUBMISSION_ID-people" "$submit_rc" || exit 1
+log "people run succeeded; its run record is OUT/_runs/people-<run_id>.json"
+exit 0

@@ -19,9 +19,9 @@ every crop in a Python loop):
 
 * Every pyramid level of every image of the batch is cut into pieces no larger than a
   canvas (overlapping by the 10 pixels P-Net's 12x12 window needs) and shelf-packed onto
-  canvases at even offsets, so the stride-2 output grid lines up. On CUDA all canvases go
-  through P-Net in one call (split only past ``_gpu_call_pixels``); on CPU each 384x512
-  canvas is one call, because small canvases run ~1.5x faster per pixel there. Outputs
+  canvases at even offsets, so the stride-2 output grid lines up. On CUDA the canvases go
+  through P-Net in as few calls as the memory budget allows (see ``MTCNNDetector``); on CPU
+  each 384x512 canvas is one call, because small canvases run ~1.5x faster per pixel there. Outputs
   whose window is not inside one piece are masked out, and the ceil-mode pooling window
   that hangs over an odd-sized level is reproduced exactly (``_FastPNet``), so packing and
   tiling do not change the result. Canvas sizes are rounded to a few shapes because oneDNN
@@ -30,8 +30,9 @@ every crop in a Python loop):
   per input, so area averages are exact integer sums divided by the bin sizes: bit for bit
   what ``F.interpolate(mode="area")`` computes. The crops of all boxes of all images are cut
   by one gather.
-* R-Net and O-Net each run once over the candidates of all images (on CPU in cache-sized
-  chunks of 256 / 64 crops, padded to a few bucket sizes); NMS is a vectorised greedy NMS
+* R-Net and O-Net each run over the candidates of all images at once, in chunks as large
+  as the memory budget allows (on CPU in cache-sized chunks of 256 / 64 crops, padded to a
+  few bucket sizes); NMS is a vectorised greedy NMS
   over candidate pairs found by a sweep, per image (or per image and level), with the
   reference's tie-breaking.
 
@@ -54,7 +55,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import mtcnn_weight_paths, resolve_device, sha256_file
+from . import gpumem
+from .models import disable_tf32, mtcnn_weight_paths, resolve_device, sha256_file
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -73,6 +75,29 @@ __all__ = [
 #: largest being 12.6 MP) at full resolution, while a 100+ MP scan or a decompression bomb
 #: cannot exhaust memory. ``None`` disables the cap.
 DEFAULT_MAX_PIXELS = 16_000_000
+
+# ---- memory model (bytes; see MTCNNDetector and tests/test_gpumem.py) ----
+#: Integral image: int32 sums of 3 channels per (h+1) x (w+1) pixel.
+INTEGRAL_BYTES_PER_PIXEL = 12
+#: P-Net per canvas pixel, the canvas itself (12 B, float32 RGB) included: peak of the
+#: tensors alive at once in one P-Net call (canvas, _FastPNet.forward, candidate search).
+#: Measured on the CPU with gpumem.peak_tensor_bytes: 80-92 B (fp32; fp16 autocast needs
+#: less); ~1.7x that covers cuDNN workspaces and allocator rounding (tests/test_gpumem.py
+#: keeps the figure above the measurement; bench/gpu_check.py reports the CUDA peak).
+PNET_BYTES_PER_PIXEL = 160
+#: R-Net / O-Net per crop: the gather indices and corner sums of the crop sampling, the crop,
+#: and the network's activations. Measured 115 KB / 570 KB per crop on the CPU.
+RNET_BYTES_PER_CROP = 256 * 1024
+ONET_BYTES_PER_CROP = 1024 * 1024
+#: The pyramid sampler's chunk buffers, bytes per chunk element (rows, differences, corners).
+_SAMPLER_BYTES_PER_ELEM = 24
+#: Share of the budget integral images may take before a batch is split into image groups.
+_INTEGRAL_SHARE = 0.5
+
+
+def _integral_bytes(h: int, w: int) -> int:
+    return (h + 1) * (w + 1) * INTEGRAL_BYTES_PER_PIXEL
+
 
 _NORM_MEAN = 127.5
 _NORM_SCALE = 0.0078125
@@ -318,8 +343,10 @@ class _IntegralImages:
         self.shapes = [im.shape[:2] for im in images]
         if device.type == "cuda":
             # Upload the uint8 pixels (4x less than the sums) and integrate on the GPU; int32
-            # cumsum wraps around exactly like cv2's, see above.
-            flat = workspace.get("integral", int(sum(sizes)), torch.int32, device)
+            # cumsum wraps around exactly like cv2's, see above. Allocated per call (not kept
+            # for the actor's life): the caching allocator reuses the block, and between
+            # calls the memory is free for the embedder.
+            flat = torch.empty(int(sum(sizes)), dtype=torch.int32, device=device)
             for im, offset, size in zip(images, self.offsets, sizes):
                 h, w = im.shape[:2]
                 _integrate(torch.from_numpy(im).to(device), flat[offset : offset + size].view(h + 1, w + 1, 3))
@@ -421,10 +448,14 @@ def _bins_np(length: int, n_out: int):
 
 
 class _Workspace:
-    """Grow-only buffers reused across detect() calls (avoids page faults on big batches)."""
+    """Grow-only buffers reused across detect() calls on the CPU (avoids page faults on big
+    batches); on CUDA the detector clears it after every call."""
 
     def __init__(self):
         self._buffers: dict = {}
+
+    def clear(self) -> None:
+        self._buffers.clear()
 
     def get(self, name: str, numel: int, dtype, device) -> torch.Tensor:
         buf = self._buffers.get(name)
@@ -585,6 +616,8 @@ class _FastPNet(nn.Module):
         ceil-mode window.
 
         Returns the head outputs (K, h, w, 6): face logits (2), then box regression (4)."""
+        # Temporaries are dropped as soon as the next one exists (`del`), so the peak is
+        # about two full-size activations, not all of them (see MTCNNDetector's memory model).
         o = F.conv2d(x, self.w1, self.b1, stride=2)
         k, _, hp, wp = o.shape
         o = o.contiguous(memory_format=torch.channels_last)
@@ -594,14 +627,22 @@ class _FastPNet(nn.Module):
         if fix_cols is not None and fix_cols.numel():
             g[fix_cols, 1] = g[fix_cols, 0]
             g[fix_cols, 3] = g[fix_cols, 2]
-        g = F.prelu(o, self.a1).permute(0, 2, 3, 1).reshape(k * hp * wp, 4, 10)
+        del g
+        act = F.prelu(o, self.a1)
+        del o
+        g = act.permute(0, 2, 3, 1).reshape(k * hp * wp, 4, 10)
+        del act
         pairs = torch.maximum(g[:, 0:2], g[:, 2:4])
+        del g
         pooled = torch.maximum(pairs[:, 0], pairs[:, 1])
+        del pairs
         y = pooled.view(k, hp, wp, 10).permute(0, 3, 1, 2)  # channels-last memory
+        del pooled
         y = F.prelu(F.conv2d(y, self.w2, self.b2), self.a2)
         y = F.prelu(F.conv2d(y, self.w3, self.b3), self.a3)
         _, c, h, w = y.shape
         features = y.permute(0, 2, 3, 1).reshape(k * h * w, c)
+        del y
         return torch.addmm(self.bh, features, self.wh).view(k, h, w, 6)
 
 
@@ -720,10 +761,25 @@ class MTCNNDetector:
     per image: a bigger image is downscaled for detection and the results are mapped back to
     its own pixels. ``None`` processes every image at full resolution.
 
-    The detector never changes torch's global settings: the caller decides
-    ``torch.set_num_threads``. It keeps reusable buffers between calls (the integral images
-    take 12 bytes per pixel of the largest batch seen), and calls are serialised by a lock:
-    for parallelism use one detector per thread or process.
+    Memory: each call plans its work from a byte budget: ``memory_budget_bytes`` (or the
+    ``FACEBATCH_GPU_MEMORY_BYTES`` variable) when given, else on CUDA
+    :data:`facebatch.gpumem.DEFAULT_FRACTION` of the device's free memory at the start of the
+    call, else (CPU) no limit. Integral images cost :data:`INTEGRAL_BYTES_PER_PIXEL` per input
+    pixel; a batch whose integrals would take more than half the budget is detected in groups
+    of images. The rest of the budget sizes the P-Net calls (:data:`PNET_BYTES_PER_PIXEL` per
+    canvas pixel, autocast included) and the R-Net / O-Net chunks
+    (:data:`RNET_BYTES_PER_CROP`, :data:`ONET_BYTES_PER_CROP`, crop sampling included). If the
+    device still runs out of memory, the call is halved and run again (``oom_retries``).
+    Results do not depend on the grouping or chunking. ``last_calls`` counts the calls per
+    stage of the last detect().
+
+    Global settings: on CUDA the constructor turns TF32 off for cuBLAS and cuDNN
+    (``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32``, process
+    wide), so that fp32 results match the CPU's; ``tf32=True`` leaves torch's settings as they
+    are. Nothing else global is changed: the caller decides ``torch.set_num_threads``. On the
+    CPU it keeps reusable buffers between calls (the integral images take 12 bytes per pixel of
+    the largest batch seen); on CUDA every buffer is released at the end of the call. Calls
+    are serialised by a lock: for parallelism use one detector per thread or process.
     """
 
     def __init__(
@@ -735,6 +791,8 @@ class MTCNNDetector:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         autocast: bool = False,
         canvas_size: tuple[int, int] | None = None,
+        memory_budget_bytes: int | str | None = None,
+        tf32: bool = False,
     ):
         if not (isinstance(min_face_size, (int, float)) and min_face_size > 0):
             raise ValueError("min_face_size must be a positive number")
@@ -763,7 +821,18 @@ class MTCNNDetector:
             raise ValueError("canvas_size must be even and at least 64 x 64")
         self._canvas_step = 64 if on_gpu else 128
         self._chunk_elems = (1 << 24) if on_gpu else (1 << 20)
-        self._gpu_call_pixels = 128_000_000
+        # Memory: every call is sized from a byte budget (see the class docstring).
+        self._explicit_budget = gpumem.explicit_budget(memory_budget_bytes)
+        self.memory_fraction = gpumem.DEFAULT_FRACTION
+        # GPU planning: all canvases (R-/O-Net crops) in as few calls as the budget allows.
+        # The CPU keeps one small canvas (a cache-sized chunk of crops) per call; tests set
+        # this on the CPU to run the GPU's planning there.
+        self._gpu_planning = on_gpu
+        self._oom = gpumem.OomCounter()
+        #: Calls per stage (and image groups) of the last detect() call.
+        self.last_calls: dict[str, int] = {}
+        if on_gpu and not tf32:
+            disable_tf32()
 
         paths = mtcnn_weight_paths()
         self.weights_sha256 = {name: sha256_file(path) for name, path in paths.items()}
@@ -783,6 +852,11 @@ class MTCNNDetector:
         self.time_stages = self.device.type == "cpu"
 
     # ---- public API --------------------------------------------------------------------
+
+    @property
+    def oom_retries(self) -> int:
+        """Calls halved after an out-of-memory error, since construction."""
+        return self._oom.retries
 
     @property
     def params(self) -> dict:
@@ -820,9 +894,42 @@ class MTCNNDetector:
                     back_scale[i] = (w / nw, h / nh)
         with self._lock, torch.inference_mode():
             self.last_stage_seconds = {}
+            self.last_calls = {"groups": 0, "pnet": 0, "rnet": 0, "onet": 0}
             self._clock = time.perf_counter()
-            boxes, scores, points, image_ids = self._cascade(arrays)
+            budget = gpumem.call_budget(self.device, self._explicit_budget, self.memory_fraction)
+            parts = []
+            try:
+                for lo, hi in self._image_groups(arrays, budget):
+                    self.last_calls["groups"] += 1
+                    boxes, scores, points, image_ids = self._cascade(arrays[lo:hi], budget)
+                    parts.append((boxes, scores, points, image_ids + lo))
+            finally:
+                if self.device.type == "cuda":
+                    self._workspace.clear()
+            boxes, scores, points, image_ids = (torch.cat(column) for column in zip(*parts))
         return _split(boxes, scores, points, image_ids, len(arrays), back_scale)
+
+    def _image_groups(self, images: list[np.ndarray], budget: int | None) -> list[tuple[int, int]]:
+        """Consecutive groups of images whose integral images take at most half the budget
+        (each group goes through the cascade on its own; one image is always one group)."""
+        if budget is None:
+            return [(0, len(images))]
+        limit = budget * _INTEGRAL_SHARE
+        groups, start, used = [], 0, 0
+        for i, im in enumerate(images):
+            need = _integral_bytes(im.shape[0], im.shape[1])
+            if i > start and used + need > limit:
+                groups.append((start, i))
+                start, used = i, 0
+            used += need
+        groups.append((start, len(images)))
+        return groups
+
+    def _left_after_integral(self, budget: int | None, integral: "_IntegralImages") -> int | None:
+        """Bytes of the budget left for one network call once the integral images exist."""
+        if budget is None:
+            return None
+        return max(0, budget - int(integral.flat.numel()) * 4)
 
     def _mark(self, stage: str) -> None:
         """Charge the time since the previous mark to `stage`."""
@@ -847,7 +954,7 @@ class MTCNNDetector:
             minl = minl * self.scale_factor
         return scales
 
-    def _cascade(self, images: list[np.ndarray]):
+    def _cascade(self, images: list[np.ndarray], budget: int | None = None):
         dev = self.device
         empty = (
             torch.zeros((0, 4)),
@@ -872,13 +979,14 @@ class MTCNNDetector:
             "w": np.array(level_w, np.int64),
         }
         integral = _IntegralImages(images, dev, self._workspace)
+        left = self._left_after_integral(budget, integral)
         sizes = np.array([im.shape[:2] for im in images], np.int64)
         img_h = torch.as_tensor(sizes[:, 0], device=dev)
         img_w = torch.as_tensor(sizes[:, 1], device=dev)
         self._mark("integral")
 
         # ---- stage 1: P-Net ----
-        cand, cand_level = self._stage_pnet(integral, levels)
+        cand, cand_level = self._stage_pnet(integral, levels, left)
         if cand.shape[0] == 0:
             return empty
         image_ids = torch.as_tensor(levels["image"], device=dev)[cand_level]
@@ -903,7 +1011,8 @@ class MTCNNDetector:
         boxes, image_ids = boxes[valid], image_ids[valid]
         if n_crops == 0:
             return empty
-        reg, prob = self._run_net(self._rnet_fast, sample, n_crops, cpu_chunk=256)
+        reg, prob = self._run_net(self._rnet_fast, sample, n_crops, 256, left, RNET_BYTES_PER_CROP, "rnet")
+        del sample
         self._mark("rnet")
         score = prob[:, 1]
         passed = score > self.thresholds[1]
@@ -920,7 +1029,8 @@ class MTCNNDetector:
         boxes, image_ids = boxes[valid], image_ids[valid]
         if n_crops == 0:
             return empty
-        reg, marks, prob = self._run_net(self._onet_fast, sample, n_crops, cpu_chunk=64)
+        reg, marks, prob = self._run_net(self._onet_fast, sample, n_crops, 64, left, ONET_BYTES_PER_CROP, "onet")
+        del sample, integral
         self._mark("onet")
         score = prob[:, 1]
         passed = score > self.thresholds[2]
@@ -936,27 +1046,38 @@ class MTCNNDetector:
         self._mark("onet_nms")
         return result
 
-    def _run_net(self, net, sample, n: int, cpu_chunk: int):
+    def _run_net(self, net, sample, n: int, cpu_chunk: int, left: int | None, bytes_per_crop: int, stage: str):
         """One pass of R-/O-Net over the crops of every image; sample(start, stop) cuts crops
-        [start, stop). On CUDA it is one call; on CPU the crops are cut and run in chunks of
-        `cpu_chunk` (3x faster per crop than one huge call, because index tensors and
-        activations stay in cache), the last chunk padded to a bucket size so oneDNN reuses
-        its kernels. Outputs are float32."""
-        if self.device.type != "cpu":
-            crops = sample(0, n).contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", enabled=self.autocast):
-                return tuple(o.float() for o in net(crops))
-        outputs = []
-        for start in range(0, n, cpu_chunk):
-            chunk = sample(start, min(n, start + cpu_chunk))
-            size = chunk.shape[0]
-            padded = cpu_chunk if size == cpu_chunk else min(_bucket(size), cpu_chunk)
-            if padded != size:
-                chunk = torch.cat([chunk, chunk.new_zeros((padded - size,) + chunk.shape[1:])])
-            outputs.append([o[:size] for o in net(chunk.contiguous(memory_format=torch.channels_last))])
-        return tuple(torch.cat(parts).float() for parts in zip(*outputs))
+        [start, stop). With GPU planning the calls are as large as the budget allows
+        (`left` / `bytes_per_crop` crops, all of them when there is no budget); on CPU the
+        crops are cut and run in chunks of `cpu_chunk` (3x faster per crop than one huge
+        call, because index tensors and activations stay in cache), the last chunk padded to
+        a bucket size so oneDNN reuses its kernels. Out of memory halves the chunk. Outputs
+        are float32."""
+        fits = n if left is None else max(1, left // bytes_per_crop)
+        gpu = self._gpu_planning
 
-    def _stage_pnet(self, integral: _IntegralImages, levels: dict):
+        def call(start: int, stop: int):
+            chunk = sample(start, stop)
+            size = chunk.shape[0]
+            if not gpu:
+                padded = cpu_chunk if size == cpu_chunk else min(_bucket(size), cpu_chunk)
+                if padded != size:
+                    chunk = torch.cat([chunk, chunk.new_zeros((padded - size,) + chunk.shape[1:])])
+            chunk = chunk.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", enabled=self.autocast):
+                return [o[:size].float() for o in net(chunk)]
+
+        def counted():
+            self.last_calls[stage] += 1
+
+        outputs = gpumem.run_chunked(call, n, min(fits, n if gpu else cpu_chunk), counter=self._oom,
+                                     device=self.device, what=f"detector {stage}", on_call=counted)
+        if len(outputs) == 1:
+            return tuple(outputs[0])
+        return tuple(torch.cat(parts) for parts in zip(*outputs))
+
+    def _stage_pnet(self, integral: _IntegralImages, levels: dict, left: int | None = None):
         """P-Net over every level of every image. Returns candidates (N, 9): window x1, y1,
         x2, y2 (facenet's generateBoundingBox), score, 4 regression values; and their level."""
         dev = self.device
@@ -964,40 +1085,54 @@ class MTCNNDetector:
         pieces = _tile_levels(levels["h"], levels["w"], max_h, max_w)
         shapes = _shelf_pack(pieces, max_h, max_w, self._canvas_step)
         level_bins = {}
-        found_boxes, found_levels, found_keys = [], [], []
-        groups = [[c] for c in range(len(shapes))]
-        if self.device.type == "cuda":
-            # One P-Net call for all canvases (padded to a common shape), split only when
-            # the batch exceeds the per-call pixel budget.
+        per_call = 1
+        chunk_elems = self._chunk_elems
+        if self._gpu_planning:
+            # All canvases padded to a common shape, in as few P-Net calls as the budget
+            # allows (the pyramid sampler's chunk buffers come out of the same budget).
             common = (max(s[0] for s in shapes), max(s[1] for s in shapes))
             shapes = [common] * len(shapes)
-            per_call = max(1, self._gpu_call_pixels // (common[0] * common[1]))
-            groups = [list(range(i, min(i + per_call, len(shapes)))) for i in range(0, len(shapes), per_call)]
+            per_call = len(shapes)
+            if left is not None:
+                chunk_elems = max(1 << 16, min(chunk_elems, left // _SAMPLER_BYTES_PER_ELEM // 4))
+                pnet_bytes = max(0, left - chunk_elems * _SAMPLER_BYTES_PER_ELEM)
+                per_call = max(1, pnet_bytes // (PNET_BYTES_PER_PIXEL * common[0] * common[1]))
         piece_ids_by_canvas = [np.nonzero(pieces.canvas == c)[0] for c in range(len(shapes))]
-        for group in groups:
-            hc, wc = shapes[group[0]]
-            batch = self._workspace.get(f"canvas{hc}x{wc}", len(group) * hc * wc * 3, torch.float32, dev)
-            batch = batch.view(len(group), hc, wc, 3)
-            batch.zero_()
+
+        def call(start: int, stop: int):
+            group = list(range(start, stop))
+            hc, wc = shapes[start]
+            if dev.type == "cuda":
+                batch = torch.zeros((len(group), hc, wc, 3), dtype=torch.float32, device=dev)
+            else:  # reused on the CPU: a fresh buffer costs page faults every call
+                batch = self._workspace.get(f"canvas{hc}x{wc}", len(group) * hc * wc * 3, torch.float32, dev)
+                batch = batch.view(len(group), hc, wc, 3)
+                batch.zero_()
             for k, c in enumerate(group):
                 for p in piece_ids_by_canvas[c]:
-                    self._fill_piece(integral, levels, level_bins, pieces, int(p), batch[k])
+                    self._fill_piece(integral, levels, level_bins, pieces, int(p), batch[k], chunk_elems)
             fix_rows, fix_cols = _partial_window_fixes(pieces, group, piece_ids_by_canvas, hc, wc, dev)
             self._mark("pyramid")
             with torch.autocast("cuda", enabled=self.autocast):
                 head = self._fast_pnet(batch.permute(0, 3, 1, 2), fix_rows, fix_cols)
+            del batch
             self._mark("pnet")
-            boxes, lvl, key = self._candidates(head, pieces, group, piece_ids_by_canvas, levels)
-            if boxes is not None:
-                found_boxes.append(boxes)
-                found_levels.append(lvl)
-                found_keys.append(key)
+            return self._candidates(head, pieces, group, piece_ids_by_canvas, levels)
+
+        def counted():
+            self.last_calls["pnet"] += 1
+
+        found = gpumem.run_chunked(call, len(shapes), per_call, counter=self._oom, device=dev,
+                                   what="detector pnet", on_call=counted)
+        found_boxes = [f[0] for f in found if f[0] is not None]
+        found_levels = [f[1] for f in found if f[0] is not None]
+        found_keys = [f[2] for f in found if f[0] is not None]
         if not found_boxes:
             return torch.zeros((0, 9), device=dev), torch.zeros(0, dtype=torch.long, device=dev)
         order = torch.argsort(torch.cat(found_keys))
         return torch.cat(found_boxes)[order], torch.cat(found_levels)[order]
 
-    def _fill_piece(self, integral, levels, level_bins, pieces, p, canvas):
+    def _fill_piece(self, integral, levels, level_bins, pieces, p, canvas, chunk_elems):
         lvl = int(pieces.level[p])
         if lvl not in level_bins:
             img = int(levels["image"][lvl])
@@ -1011,7 +1146,7 @@ class MTCNNDetector:
         y, x = int(pieces.y[p]), int(pieces.x[p])
         integral.sample_grid(
             img, rs[r0 : r0 + h], re[r0 : r0 + h], cs[c0 : c0 + w], ce[c0 : c0 + w],
-            canvas[y : y + h, x : x + w], self._chunk_elems,
+            canvas[y : y + h, x : x + w], chunk_elems,
         )
 
     def _candidates(self, head, pieces, group, piece_ids_by_canvas, levels):

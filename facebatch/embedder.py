@@ -49,7 +49,8 @@ import torch
 
 from facebatch.alignment import CHIP_SIZE, MTCNN_TEMPLATE, align_faces
 from facebatch.dlib_model import DlibResNet, load_dlib_resnet
-from facebatch.models import resolve_device
+from facebatch import gpumem
+from facebatch.models import disable_tf32, resolve_device
 
 __all__ = ["COSINE_THRESHOLD", "EMBEDDING_DIM", "FaceEmbedder", "resolve_device"]
 
@@ -60,13 +61,26 @@ COSINE_THRESHOLD = 0.936
 
 _AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+#: Device memory per image through the network (the 150x150 input, its float copy and the
+#: activations alive at once): measured 1.24 MB on the CPU (gpumem.peak_tensor_bytes,
+#: tests/test_gpumem.py); 2 MiB leaves room for cuDNN workspaces. Flip averaging puts two
+#: images through per chip.
+EMBED_BYTES_PER_IMAGE = 2 * 1024 * 1024
+
 
 class FaceEmbedder:
     """Align and embed faces with dlib's face-recognition ResNet, in batches.
 
-    batch_size bounds how many chips go through the network at once (memory), not what a call
-    accepts. precision "fp16"/"bf16" runs the network under autocast on CUDA (descriptors stay
-    within cosine 0.999 of fp32, see bench/gpu_embedder.py); the CPU always computes in fp32.
+    batch_size bounds how many chips go through the network at once, not what a call accepts;
+    a memory budget bounds it further: ``memory_budget_bytes`` (or FACEBATCH_GPU_MEMORY_BYTES),
+    else on CUDA a fraction of the free memory at each call, divided by
+    :data:`EMBED_BYTES_PER_IMAGE` per network input; out of memory halves the batch and runs it
+    again (``oom_retries``). ``last_calls`` counts the network calls of the last embedding.
+
+    precision "fp16"/"bf16" runs the network under autocast on CUDA (descriptors stay within
+    cosine 0.999 of fp32, see bench/gpu_embedder.py); the CPU always computes in fp32. "fp32"
+    on CUDA is true fp32: the constructor turns TF32 off for cuBLAS and cuDNN (process-wide
+    torch settings) unless ``tf32=True``.
     """
 
     def __init__(
@@ -77,6 +91,8 @@ class FaceEmbedder:
         precision: str = "fp32",
         antialias: bool = True,
         flip_average: bool = True,
+        memory_budget_bytes: int | str | None = None,
+        tf32: bool = False,
     ):
         if precision not in _AUTOCAST_DTYPES:
             raise ValueError(f"precision must be one of {sorted(_AUTOCAST_DTYPES)}, got {precision!r}")
@@ -87,6 +103,12 @@ class FaceEmbedder:
         self.antialias = antialias
         self.flip_average = flip_average
         self._autocast_dtype = _AUTOCAST_DTYPES[precision] if self.device.type == "cuda" else None
+        self._explicit_budget = gpumem.explicit_budget(memory_budget_bytes)
+        self.memory_fraction = gpumem.DEFAULT_FRACTION
+        self._oom = gpumem.OomCounter()
+        self.last_calls = 0
+        if self.device.type == "cuda" and not tf32:
+            disable_tf32()
         network: DlibResNet = load_dlib_resnet(model_path)
         # channels_last: the chips arrive as NHWC uint8, and oneDNN/cuDNN convolutions are faster
         # in that layout (measured in bench/bench_embedder.py).
@@ -94,6 +116,11 @@ class FaceEmbedder:
         self.weights_sha256: str = network.sha256
         self.threshold: float = COSINE_THRESHOLD
         self.template = MTCNN_TEMPLATE
+
+    @property
+    def oom_retries(self) -> int:
+        """Batches halved after an out-of-memory error, since construction."""
+        return self._oom.retries
 
     # ---------------------------------------------------------------------------------------
 
@@ -130,25 +157,39 @@ class FaceEmbedder:
             raise ValueError(f"chips must be (N, {CHIP_SIZE}, {CHIP_SIZE}, 3), got {tuple(chips.shape)}")
         if chips.dtype != torch.uint8:
             raise ValueError(f"chips must be uint8 RGB, got {chips.dtype}")
-        outputs = []
-        with torch.inference_mode():
-            for start in range(0, chips.shape[0], self.batch_size):
-                batch = chips[start : start + self.batch_size].to(self.device, non_blocking=True)
-                # NHWC uint8 -> NCHW float whose memory stays NHWC (= channels_last), no copy back.
-                x = batch.permute(0, 3, 1, 2).float()
-                if flip:
-                    # The chip and its mirror image in one call; their descriptors are summed.
-                    x = torch.cat([x, x.flip(3)])
-                if self._autocast_dtype is not None:
-                    with torch.autocast(self.device.type, dtype=self._autocast_dtype):
-                        descriptors = self.network(x).float()
-                else:
-                    descriptors = self.network(x)
-                if flip:
-                    descriptors = descriptors[: batch.shape[0]] + descriptors[batch.shape[0] :]
-                if normalise:
-                    descriptors = torch.nn.functional.normalize(descriptors, dim=1)
-                outputs.append(descriptors.cpu())
-        if not outputs:
+        self.last_calls = 0
+        n = chips.shape[0]
+        if n == 0:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+        batch_size = self.batch_size
+        budget = gpumem.call_budget(self.device, self._explicit_budget, self.memory_fraction)
+        if budget is not None:
+            batch_size = max(1, min(batch_size, budget // (EMBED_BYTES_PER_IMAGE * (2 if flip else 1))))
+
+        def call(start: int, stop: int) -> torch.Tensor:
+            batch = chips[start:stop].to(self.device, non_blocking=True)
+            # NHWC uint8 -> NCHW float whose memory stays NHWC (= channels_last), no copy back.
+            x = batch.permute(0, 3, 1, 2).float()
+            del batch
+            if flip:
+                # The chip and its mirror image in one call; their descriptors are summed.
+                x = torch.cat([x, x.flip(3)])
+            if self._autocast_dtype is not None:
+                with torch.autocast(self.device.type, dtype=self._autocast_dtype):
+                    descriptors = self.network(x).float()
+            else:
+                descriptors = self.network(x)
+            del x
+            if flip:
+                descriptors = descriptors[: stop - start] + descriptors[stop - start :]
+            if normalise:
+                descriptors = torch.nn.functional.normalize(descriptors, dim=1)
+            return descriptors.cpu()
+
+        def counted():
+            self.last_calls += 1
+
+        with torch.inference_mode():
+            outputs = gpumem.run_chunked(call, n, batch_size, counter=self._oom, device=self.device,
+                                         what="embedder", on_call=counted)
         return torch.cat(outputs).numpy().astype(np.float32, copy=False)

@@ -81,6 +81,7 @@ class FaceAnalyzer:
         detector_params: DetectorParams | None = None,
         embed: bool = True,
         max_pixels: int | None = None,
+        memory_budget_bytes: int | str | None = None,
     ):
         from .detector import MTCNNDetector
 
@@ -93,14 +94,20 @@ class FaceAnalyzer:
             min_face_size=params.min_face_size,
             thresholds=tuple(params.thresholds),
             scale_factor=params.scale_factor,
+            memory_budget_bytes=memory_budget_bytes,
             **detector_kwargs,
         )
         self.embedder = None
         if embed:
             from .embedder import FaceEmbedder
 
-            self.embedder = FaceEmbedder(device=self.device)
+            self.embedder = FaceEmbedder(device=self.device, memory_budget_bytes=memory_budget_bytes)
         self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def oom_retries(self) -> int:
+        """Model calls halved after an out-of-memory error (detector and embedder), cumulative."""
+        return self.detector.oom_retries + (self.embedder.oom_retries if self.embedder is not None else 0)
 
     def model_hashes(self) -> dict[str, str]:
         hashes = {f"mtcnn_{k}": v for k, v in self.detector.weights_sha256.items()}

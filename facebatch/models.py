@@ -74,6 +74,19 @@ def resolve_device(device=None):
     return dev
 
 
+def disable_tf32() -> None:
+    """Turn TF32 off for cuBLAS matmuls and cuDNN convolutions (process-wide torch settings).
+
+    torch enables TF32 cuDNN convolutions by default; on Ampere and later GPUs that moves
+    "fp32" MTCNN boxes by up to ~1 px and scores by ~6e-4 against the CPU, and the pipeline
+    version does not record where a row was computed. The detector and the embedder call this
+    when they are built on CUDA (unless asked for tf32=True), so fp32 means fp32 everywhere."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def model_hashes(embed: bool = True) -> dict[str, str]:
     hashes = {f"mtcnn_{name}": sha256_file(path) for name, path in mtcnn_weight_paths().items()}
     if embed:

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import __version__, models, storage, tables
+from . import __version__, gpumem, models, storage, tables
 from .config import IndexConfig, pipeline_version
 
 log = logging.getLogger("facebatch")
@@ -194,7 +194,16 @@ def _faces_array(results: list, n_rows: int, ok_idx: np.ndarray, embed: bool) ->
 
 
 class FaceModelActor:
-    """Holds the models on one device; each call analyses a whole batch of decoded images."""
+    """Holds the models on one device; each call analyses a whole batch of decoded images.
+
+    Errors: when the batch fails, it is retried image by image so that one bad image costs
+    only its own row (`failed`); an out-of-memory error that the models' own halving could
+    not avoid goes the same way (logged, counted in ``oom_retries``). Errors that leave the
+    CUDA context unusable (:func:`facebatch.gpumem.is_fatal_device_error`: illegal memory
+    access, device-side assert, launch failure, ...) are re-raised instead: the actor dies and
+    Ray Data restarts it and retries the batch, rather than a poisoned actor marking every
+    later image `failed`.
+    """
 
     def __init__(self, device: str, detector_params: dict, embed: bool, torch_threads: int | None,
                  decode: dict | None = None):
@@ -230,20 +239,36 @@ class FaceModelActor:
         ok_scales = [float(scales[i]) for i in ok_idx]
         times = StageTimes()
         t0 = time.perf_counter()
+        oom_before = self.analyzer.oom_retries
+        batch_oom = 0
         try:
             results = self.analyzer.analyze(images, ok_scales, times)
-        except Exception:
+        except Exception as exc:
+            if gpumem.is_fatal_device_error(exc):
+                log.error("device error, ending this actor so that Ray restarts it: %s: %s", type(exc).__name__, exc)
+                raise
+            if gpumem.is_oom(exc):
+                batch_oom = 1
+                gpumem.release_cached(self.analyzer.detector.device)
+            log.warning("batch of %d images failed (%s: %s); retrying image by image", len(images),
+                        type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "")
+            del exc
             # Isolate the image that breaks the batch: the others still get their faces.
             results = []
             for j, (img, scale) in enumerate(zip(images, ok_scales)):
                 try:
                     results.extend(self.analyzer.analyze([img], [scale], times))
                 except Exception as exc:
+                    if gpumem.is_fatal_device_error(exc):
+                        log.error("device error, ending this actor so that Ray restarts it: %s: %s",
+                                  type(exc).__name__, exc)
+                        raise
                     i = int(ok_idx[j])
                     status[i] = "failed"
                     errors[i] = f"face analysis failed: {type(exc).__name__}: {exc}"
                     results.append(None)
         infer_s = time.perf_counter() - t0
+        oom_retries = self.analyzer.oom_retries - oom_before + batch_oom
         keep = [k for k, r in enumerate(results) if r is not None]
         ok_idx_final = ok_idx[keep] if len(ok_idx) else ok_idx
         results = [results[k] for k in keep]
@@ -260,6 +285,11 @@ class FaceModelActor:
         out = out.append_column("detect_s", pa.array(np.full(batch.num_rows, times.detect_s / n, np.float32)))
         out = out.append_column("embed_s", pa.array(np.full(batch.num_rows, times.embed_s / n, np.float32)))
         out = out.append_column("infer_s", pa.array(np.full(batch.num_rows, infer_s / n, np.float32)))
+        # Out-of-memory retries of this batch, on its first row (the driver sums them).
+        retries = np.zeros(batch.num_rows, np.int32)
+        if batch.num_rows:
+            retries[0] = oom_retries
+        out = out.append_column("oom_retries", pa.array(retries, pa.int32()))
         return out
 
 
@@ -411,6 +441,7 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
     faces_total = 0
     stage = {"fetch_s": 0.0, "decode_s": 0.0, "detect_s": 0.0, "embed_s": 0.0, "infer_s": 0.0}
     processed = 0
+    oom_retries = 0
     t_infer = time.perf_counter()
     first_batch_s, first_batch_rows = None, 0
     if todo:
@@ -465,6 +496,7 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
             faces_total += faces_rows.num_rows
             for key in stage:
                 stage[key] += float(pc.sum(batch[key]).as_py() or 0.0)
+            oom_retries += int(pc.sum(batch["oom_retries"]).as_py() or 0)
             if first_batch_s is None:
                 # Time to the first results: worker start-up, model loading, the first batch.
                 first_batch_s, first_batch_rows = time.perf_counter() - t_infer, batch.num_rows
@@ -497,6 +529,8 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
         "seconds": {"plan": plan_s, "process": process_s, "total": time.perf_counter() - t_start,
                     **{f"{k[:-2]}_cpu_sum": v for k, v in stage.items()}},
         "images_per_second": todo / process_s if process_s > 0 else None,
+        # Model calls halved after running out of device memory (0 when the memory model holds).
+        "oom_retries": oom_retries,
         # After the first results arrive (start-up excluded): what a long run converges to.
         "first_results_s": first_batch_s,
         "steady_images_per_second": (todo - first_batch_rows) / (process_s - first_batch_s)

@@ -93,7 +93,7 @@ def test_failed_get_of_ready_never_discards_a_finished_run(proxy, out, s3_server
     assert visible(out, ep, "faces") == [("a", 0, "run-0"), ("b", 0, "run-1"), ("c", 0, "run-1")]
 
 
-@pytest.mark.parametrize("status", [500, 503, DROP])
+@pytest.mark.parametrize("status", [500, 503, DROP], ids=["500", "503", "dropped"])
 def test_a_get_failing_for_good_aborts_recovery_with_the_objects_name(proxy, out, s3_server, status):
     """Errors the SDK retries (5xx, a dropped connection) still end as an error, never as 'absent'."""
     stage(out, "run-1", ["a"], ["e1"], proxy.endpoint)

@@ -10,6 +10,7 @@ import sys
 from typing import Sequence
 
 from .config import ConfigError, DetectorParams, IndexConfig
+from .storage import StorageError
 
 
 def _thresholds(text: str) -> tuple[float, float, float]:
@@ -65,8 +66,11 @@ def add_index_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prune", action="store_true", help="remove rows of objects no longer in SOURCE")
     group.add_argument("--limit", type=_positive_int, help="process at most this many objects this run (for staged backfills)")
     group.add_argument("--fetch-retries", type=int, default=defaults.fetch_retries, help="retries of a failing fetch (default %(default)s)")
+    group.add_argument("--max-error-rate", type=float, default=defaults.max_error_rate,
+                       help="fail the run, publishing nothing, when more than this fraction of its objects cannot be "
+                            "fetched (at least 20, or all when fewer): an outage, not bad photos (default %(default)s)")
     group.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
-    group.add_argument("--run-id", help="explicit run id (default: UTC timestamp + random suffix)")
+    group.add_argument("--run-id", help="explicit run id: letters, digits, '.', '_', '-' (default: UTC timestamp + random suffix)")
 
 
 def config_from_args(args: argparse.Namespace) -> IndexConfig:
@@ -83,6 +87,7 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
         read_concurrency=args.read_concurrency,
         decode_tasks=args.decode_tasks,
         fetch_retries=args.fetch_retries,
+        max_error_rate=args.max_error_rate,
         full=args.full,
         reprocess_errors=args.reprocess_errors,
         prune=args.prune,
@@ -93,10 +98,14 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
 
 
 def run_index_command(args: argparse.Namespace) -> int:
-    from .pipeline import run_index
+    from .pipeline import RunFailed, run_index
 
     config = config_from_args(args)
-    summary = run_index(config, ray_address=args.ray_address, object_store_memory=args.object_store_memory)
+    try:
+        summary = run_index(config, ray_address=args.ray_address, object_store_memory=args.object_store_memory)
+    except RunFailed as exc:
+        print(f"facebatch index: {exc}", file=sys.stderr)
+        return 1
     print(format_summary(summary.record))
     return 0
 
@@ -152,6 +161,7 @@ def run_detect_command(args: argparse.Namespace) -> int:
             emit(path, entry)
         pending.clear()
 
+    answered = 0  # files that decoded as images (whatever faces they hold)
     for path in args.paths:
         try:
             with open(path, "rb") as fh:
@@ -166,9 +176,13 @@ def run_detect_command(args: argparse.Namespace) -> int:
             emit(path, {"path": path, "width": None, "height": None, "faces": [], "error": f"unreadable: {exc.strerror or exc}"})
             continue
         pending.append((path, img))
+        answered += 1
         if len(pending) >= args.batch_size:
             flush()
     flush()
+    if not answered:
+        print(f"facebatch detect: none of the {len(args.paths)} input(s) could be read as an image", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -396,6 +410,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"facebatch {args.command}: {exc}", file=sys.stderr)
         return 2
+    except StorageError as exc:
+        # Storage failed (not the input): the message names the object; staged state is kept for the next run.
+        print(f"facebatch {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import storage, tables
+from .config import ConfigError
 
 SORT_KEYS = {"images": "image_id, pipeline_version", "faces": "image_id, pipeline_version, face_index"}
 
@@ -45,27 +46,54 @@ def finish_compaction(out: storage.Location, compaction_id: str, endpoint: str |
         return False
     for item in journal["add"]:
         tables._move(out, _fs_location(out, item["staged"]), _fs_location(out, item["final"]), endpoint)
-    missing = [item["final"] for item in journal["add"] if fs.get_file_info(item["final"]).type != pafs.FileType.File]
+    missing = [item["final"] for item in journal["add"] if _file_type(fs, out, item["final"]) != pafs.FileType.File]
     if missing:
         # Never remove the old files unless every merged file is in place.
         raise RuntimeError(f"compaction {compaction_id}: merged files missing ({', '.join(missing[:3])}); old files kept")
+    failed = []
     for old in journal["remove"]:
         try:
-            fs.delete_file(old)
-        except (FileNotFoundError, OSError):
-            pass
+            tables.delete_file(fs, old, _fs_location(out, old).uri())
+        except storage.StorageError as exc:
+            failed.append(exc)  # try the others too: fewer duplicates visible until the next attempt
+    if failed:
+        # The journal stays: the next `compact` or `index` finishes the removal. Until then a
+        # reader may see these old files beside the merged ones.
+        raise storage.StorageError(
+            f"compaction {compaction_id}: {len(failed)} old file(s) could not be deleted, the journal is kept "
+            f"for the next run to finish: {failed[0]}"
+        )
     if heartbeat is not None:
         heartbeat.stop()
-    try:
-        fs.delete_dir(out.join("_staging", compaction_id).fs_path())
-    except (FileNotFoundError, OSError):
-        pass
+    tables._delete_tree(fs, out.join("_staging", compaction_id))
     return True
+
+
+def _file_type(fs: pafs.FileSystem, out: storage.Location, fs_path: str) -> pafs.FileType:
+    try:
+        return fs.get_file_info(fs_path).type
+    except OSError as exc:
+        raise storage.storage_error("HEAD", _fs_location(out, fs_path).uri(), exc) from exc
+
+
+def _holds_an_index(fs: pafs.FileSystem, out: storage.Location) -> bool:
+    """Anything an indexing run leaves: published tables, run records or staged runs."""
+    for folder in ("images", "faces", "_runs", "_staging"):
+        location = out.join(folder)
+        try:
+            if fs.get_file_info(pafs.FileSelector(location.fs_path(), allow_not_found=True)):
+                return True
+        except OSError as exc:
+            raise storage.storage_error("LIST", location.uri(), exc) from exc
+    return False
 
 
 def compact(out_uri: str, target_rows: int = 2_000_000, endpoint: str | None = None, row_group_size: int = 100_000) -> dict[str, Any]:
     out = storage.parse_location(out_uri)
     fs = storage.arrow_filesystem(out, endpoint)
+    if not _holds_an_index(fs, out):
+        raise ConfigError(f"{out_uri} holds no facebatch index (no images/, faces/, _runs/ or _staging/ in it): "
+                          "give the --out of `facebatch index`")
     tables.recover_staging(out, endpoint)
     compaction_id = "compact-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     # Like an indexing run, a compaction heartbeats its staging folder so that no run started
@@ -113,7 +141,7 @@ def compact(out_uri: str, target_rows: int = 2_000_000, endpoint: str | None = N
             finish_compaction(out, compaction_id, endpoint, heartbeat)
         else:
             heartbeat.stop()
-            fs.delete_dir(out.join("_staging", compaction_id).fs_path())
+            tables._delete_tree(fs, out.join("_staging", compaction_id))
     finally:
         heartbeat.stop()
     report["seconds"] = round(time.perf_counter() - t0, 3)

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,19 @@ class ConfigError(ValueError):
 
 
 DEVICES = ("auto", "cpu", "cuda")
+
+# A run id names files and folders under OUT (_staging/<id>/, <table>/<id>.parquet, _runs/<id>.json):
+# one plain path segment, never a way out of OUT.
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_id(run_id: str) -> str:
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id) or ".." in run_id:
+        raise ConfigError(
+            f"run id {run_id!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return run_id
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,11 @@ class IndexConfig:
     decode_tasks: bool | None = None
     # Fetch retries (S3 throttling / 5xx, flaky disks) before an object gets an error row.
     fetch_retries: int = 5
+    # A run whose objects mostly fail to fetch (expired credentials, AccessDenied, an unreachable
+    # endpoint) fails instead of publishing a table of error rows: above this fraction of
+    # fetch_failed objects (and at least 20 of them, or all when fewer;
+    # see pipeline.too_many_fetch_failures) nothing is published.
+    max_error_rate: float = 0.5
     # Incremental behaviour.
     full: bool = False
     reprocess_errors: bool = False
@@ -88,6 +107,15 @@ class IndexConfig:
             raise ConfigError(f"max_side must be between 64 and 65535 pixels, got {self.max_side}")
         if self.fetch_retries < 0 or self.fetch_retries > 20:
             raise ConfigError(f"fetch_retries must be between 0 and 20, got {self.fetch_retries}")
+        if isinstance(self.max_error_rate, bool) or not isinstance(self.max_error_rate, (int, float)) \
+                or not 0.0 <= self.max_error_rate <= 1.0:
+            raise ConfigError(f"max_error_rate must be a fraction between 0 and 1, got {self.max_error_rate!r}")
+        if self.run_id is not None:
+            check_run_id(self.run_id)
+        from .storage import parse_location  # raises ConfigError for schemes we cannot read
+
+        parse_location(self.out)
+        parse_location(self.source)
         if self.full and self.reprocess_errors:
             raise ConfigError("--full already reprocesses everything; drop --reprocess-errors")
         if self.rows_per_row_group < 1000:

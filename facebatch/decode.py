@@ -165,17 +165,20 @@ def _describe_non_image(data: bytes) -> str:
         return "looks like a PDF document"
     if head.startswith(b"\x1f\x8b"):
         return "looks like gzip data"
+    # Only the kind of file is described, never its content: this message lands in the images
+    # table, and the file may be anything a manifest or a bucket points at.
     brands = _iso_bmff_brands(head)
     if brands:
-        return f"ISO media file with brand {brands[0].decode('latin-1')!r}, not a still image"
+        brand = brands[0].decode("latin-1")
+        named = f" with brand {brand!r}" if brand.replace(" ", "").isalnum() else ""
+        return f"ISO media file{named}, not a still image"
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
         text = None
     if text is not None and all(ch.isprintable() or ch in "\t\r\n" for ch in text[:200]):
-        preview = text[:40].replace("\n", " ").replace("\r", " ")
-        return f"looks like text: {preview!r}"
-    return "starts with bytes " + head[:8].hex(" ")
+        return "looks like text"
+    return "unrecognised binary data"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +260,11 @@ def _container_cut_short(data: bytes, fmt: str) -> bool:
 
 def _exc_text(exc: BaseException) -> str:
     text = str(exc).strip()
+    # Some decoder messages quote the file's own bytes (Pillow's PPM plugin does): the images table
+    # gets only the exception's type then, never content of the file.
+    if any(isinstance(arg, (bytes, bytearray)) for arg in exc.args) or "b'" in text or 'b"' in text:
+        text = ""
+    text = text[:200]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -6,11 +6,13 @@ tables) is plain Python tested without Ray.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -62,6 +64,26 @@ FACE_STRUCT = pa.struct(
         ("sharpness", pa.float32()),
     ]
 )
+
+
+class RunFailed(RuntimeError):
+    """The run as a whole failed (not one object): nothing of it was published."""
+
+
+# Below this many failed fetches a run never fails as a whole (unless every object failed):
+# a handful of vanished or unreadable objects in a small run are error rows, not an outage.
+MIN_FAILED_FOR_RUN_FAILURE = 20
+
+
+def too_many_fetch_failures(failed: int, total: int, max_error_rate: float) -> bool:
+    """Is this a systemic failure (credentials, access, endpoint) rather than some bad objects?"""
+    return failed > 0 and failed > max_error_rate * total and failed >= min(MIN_FAILED_FOR_RUN_FAILURE, total)
+
+
+def _fetch_failure_message(run_id: str, failed: int, total: int, config: IndexConfig, errors: Counter) -> str:
+    common, count = errors.most_common(1)[0] if errors else ("(no message)", 0)
+    return (f"run {run_id} failed: {failed} of {total} objects could not be fetched, above --max-error-rate "
+            f"{config.max_error_rate:g}; nothing was published. Most common error ({count}x): {common}")
 
 
 def new_run_id() -> str:
@@ -341,6 +363,21 @@ def split_output(batch: pa.Table, version: str, run_id: str, indexed_at: datetim
     return images, faces
 
 
+def _abort_quietly(writer: tables.RunWriter) -> None:
+    """Delete a failed run's staged files; when storage is what failed, that may fail too, and then
+    the next run's recovery discards them (they have no READY marker): the run's own error matters."""
+    try:
+        writer.abort()
+    except storage.StorageError as exc:
+        log.warning("could not delete the staged files of run %s (the next run discards them): %s", writer.run_id, exc)
+
+
+def _count_fetch_errors(images_rows: pa.Table, counter: Counter) -> None:
+    failed = images_rows.filter(pc.equal(images_rows["status"], "fetch_failed"))
+    for uri, error in zip(failed["uri"].to_pylist(), failed["error"].to_pylist()):
+        counter[(error or "").replace(uri, "<uri>")] += 1
+
+
 def default_sizing(config: IndexConfig, resources: dict[str, float]) -> dict[str, Any]:
     """Pool and batch sizes from the cluster's resources, unless the config sets them."""
     cpus = max(1, int(resources.get("CPU", 1)))
@@ -386,18 +423,20 @@ def run_index(config: IndexConfig, ray_address: str | None = None, object_store_
               progress: bool = True, on_batch: Callable[[int, int, float], None] | None = None) -> RunSummary:
     """Plan, run and publish one indexing run. Raises on failure of the run itself (not of single objects)."""
     before = tables.active_heartbeats()
-    try:
-        return _run_index(config, ray_address, object_store_memory, progress, on_batch)
-    except BaseException:
-        # A failed run stops beating, so that the next run (from this long-lived process or
-        # another machine) may finish or discard what it staged.
-        for heartbeat in tables.active_heartbeats() - before:
-            heartbeat.stop()
-        raise
+    with contextlib.ExitStack() as on_exit:  # local clean-up (the plan's spill files), failed or not
+        try:
+            return _run_index(config, ray_address, object_store_memory, progress, on_batch, on_exit)
+        except BaseException:
+            # A failed run stops beating, so that the next run (from this long-lived process or
+            # another machine) may finish or discard what it staged.
+            for heartbeat in tables.active_heartbeats() - before:
+                heartbeat.stop()
+            raise
 
 
 def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory: int | None,
-               progress: bool, on_batch: Callable[[int, int, float], None] | None) -> RunSummary:
+               progress: bool, on_batch: Callable[[int, int, float], None] | None,
+               on_exit: contextlib.ExitStack) -> RunSummary:
     import ray
 
     from .plan import build_plan
@@ -418,6 +457,7 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
 
     t0 = time.perf_counter()
     plan = build_plan(config, version)
+    on_exit.callback(plan.cleanup)
     plan_s = time.perf_counter() - t0
     todo = plan.num_todo
     log.info("plan: %s -> %d to process (%s)", config.source, todo, plan.counts)
@@ -438,6 +478,8 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
     indexed_at = datetime.now(timezone.utc)
     writer = tables.RunWriter(out, run_id, endpoint, row_group_size=config.rows_per_row_group)
     status_counts: dict[str, int] = {}
+    # Fetch errors with the object's own name taken out, so that one outage counts as one message.
+    fetch_errors: Counter[str] = Counter()
     faces_total = 0
     stage = {"fetch_s": 0.0, "decode_s": 0.0, "detect_s": 0.0, "embed_s": 0.0, "infer_s": 0.0}
     processed = 0
@@ -494,6 +536,13 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
             for s, c in zip(*np.unique(np.asarray(images_rows["status"].to_pylist(), dtype=object), return_counts=True)):
                 status_counts[s] = status_counts.get(s, 0) + int(c)
             faces_total += faces_rows.num_rows
+            _count_fetch_errors(images_rows, fetch_errors)
+            failed = status_counts.get("fetch_failed", 0)
+            if too_many_fetch_failures(failed, todo, config.max_error_rate):
+                # The failures only grow, so the run is past the limit whatever the rest does: stop
+                # now rather than after fetching (and paying for) the whole archive.
+                _abort_quietly(writer)
+                raise RunFailed(_fetch_failure_message(run_id, failed, todo, config, fetch_errors))
             for key in stage:
                 stage[key] += float(pc.sum(batch[key]).as_py() or 0.0)
             oom_retries += int(pc.sum(batch["oom_retries"]).as_py() or 0)
@@ -550,5 +599,4 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
     tables.write_json(fs, out.join("_staging", run_id, "record.json"), record)
     tables.fault_point("staged-after-record")
     tables.publish_run(out, run_id, record, endpoint, heartbeat=writer.heartbeat)
-    plan.cleanup()
     return RunSummary(run_id=run_id, pipeline_version=version, out=config.out, record=record)

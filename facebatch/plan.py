@@ -15,6 +15,7 @@ from typing import Iterator
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -145,8 +146,19 @@ def _manifest_batches(config: IndexConfig) -> Iterator[pa.RecordBatch]:
         },
         schema=PLAN_SCHEMA,
     )
-    # Relative local paths in a manifest are relative to the manifest's folder.
-    if not config.source.startswith(("s3://", "s3a://")):
+    if storage.parse_location(config.source).is_s3:
+        # A manifest on S3 names S3 objects only: were it to name local paths, whoever can write
+        # to the bucket could make the workers read (and publish the errors of) their own files.
+        local = pc.invert(pc.or_(pc.starts_with(uri, "s3://"), pc.starts_with(uri, "s3a://")))
+        offenders = pc.filter(uri, local)
+        if len(offenders):
+            first = ", ".join(repr(u) for u in offenders.slice(0, 3).to_pylist())
+            raise ConfigError(
+                f"manifest {config.source} is on S3 but names {len(offenders)} local or relative path(s) "
+                f"(first: {first}); a manifest on S3 may name only s3:// objects"
+            )
+    else:
+        # Relative local paths in a manifest are relative to the manifest's folder.
         base = os.path.dirname(os.path.abspath(config.source))
         resolved = [u if u.startswith(("s3://", "s3a://", "/")) else os.path.join(base, u) for u in table["uri"].to_pylist()]
         table = table.set_column(1, "uri", pa.array(resolved, pa.string()))
@@ -154,7 +166,16 @@ def _manifest_batches(config: IndexConfig) -> Iterator[pa.RecordBatch]:
 
 
 def build_plan(config: IndexConfig, pipeline_version: str) -> Plan:
+    """Plan a run; its spill folder is the caller's to remove (Plan.cleanup), unless planning fails."""
     spill_dir = tempfile.mkdtemp(prefix="facebatch-plan-")
+    try:
+        return _build_plan(config, pipeline_version, spill_dir)
+    except BaseException:
+        Plan(spill_dir=spill_dir, todo_path="").cleanup()
+        raise
+
+
+def _build_plan(config: IndexConfig, pipeline_version: str, spill_dir: str) -> Plan:
     listing_path = os.path.join(spill_dir, "listing.parquet")
     with pq.ParquetWriter(listing_path, PLAN_SCHEMA) as writer:
         for batch in _listing_batches(config):

@@ -2,20 +2,56 @@
 
 boto3 does listing, fetching and server-side copies: it honours the standard credential chain,
 AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, and retries throttling and 5xx with backoff (we also
-retry at our level, see `fetch_bytes`). pyarrow's filesystem writes Parquet (multipart uploads).
+retry at our level, see `fetch_bytes`). pyarrow's filesystem writes Parquet (multipart uploads)
+and retries with the AWS SDK's standard strategy.
+
+Only "not found" means absent: every other storage failure (5xx, 403, timeouts) raises, with the
+object's name, so that no caller mistakes a failed request for a missing object.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
-import pyarrow.fs as pafs
+# Current AWS SDKs (boto3 >= 1.36, the C++ SDK in pyarrow) send aws-chunked bodies with trailing
+# checksums by default, which S3-compatible stores (MinIO-likes, Ceph, rclone's S3 server) reject,
+# e.g. with HTTP 411 MissingContentLength on multipart uploads. Both SDKs read these variables when
+# their first client is made, so they are set here, at import, before any client exists; a value
+# the user set wins.
+os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
+
+import pyarrow.fs as pafs  # noqa: E402  (after the environment above)
+
+from .config import ConfigError  # noqa: E402
+
+# pyarrow's S3 requests (Parquet writes and reads, listings, deletes) retry throttling and 5xx
+# like boto3 does; the SDK's default of 3 attempts gives up too soon under S3 SlowDown. Ten
+# attempts back off for up to about 90 s in all before a request fails for good.
+DEFAULT_S3_MAX_ATTEMPTS = 10
+
+
+def s3_max_attempts() -> int:
+    """FACEBATCH_S3_MAX_ATTEMPTS overrides the default (tests of lasting failures use fewer)."""
+    return int(os.environ.get("FACEBATCH_S3_MAX_ATTEMPTS") or DEFAULT_S3_MAX_ATTEMPTS)
+
+
+class StorageError(Exception):
+    """A storage request failed for a reason other than "not found"; the message names the object.
+
+    Deliberately not an OSError: code that treats OSError as "absent" must never swallow it.
+    """
+
+
+def storage_error(op: str, uri: str, exc: BaseException) -> StorageError:
+    return StorageError(f"{op} {uri}: {exc}")
 
 
 @dataclass(frozen=True)
@@ -49,12 +85,12 @@ def parse_location(uri: str) -> Location:
         # Not urlparse: S3 keys may contain '#', '?' and ';', which are not URL syntax here.
         bucket, _, key = uri.split("://", 1)[1].partition("/")
         if not bucket:
-            raise ValueError(f"{uri!r} has no bucket: write s3://bucket/prefix")
+            raise ConfigError(f"{uri!r} has no bucket: write s3://bucket/prefix")
         return Location("s3", bucket, key.lstrip("/"))
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         return Location("file", "", os.path.abspath(parsed.path if parsed.scheme else uri))
-    raise ValueError(f"unsupported URI scheme {parsed.scheme!r} in {uri!r}: use a local path or s3://")
+    raise ConfigError(f"unsupported URI scheme {parsed.scheme!r} in {uri!r}: use a local path or s3://")
 
 
 def endpoint_url(explicit: str | None = None) -> str | None:
@@ -62,26 +98,47 @@ def endpoint_url(explicit: str | None = None) -> str | None:
 
 
 _clients: dict[tuple, object] = {}
+# Creating boto3 clients from several threads at once is a known boto3 race (its session's
+# loaders are not thread-safe), and the fetch threads all ask for a client at start-up.
+_clients_lock = threading.Lock()
 
 
 def s3_client(endpoint: str | None = None):
     """A cached boto3 S3 client per (process, endpoint), with adaptive retries for throttling."""
-    import boto3
-    from botocore.config import Config
-
     endpoint = endpoint_url(endpoint)
     key = (os.getpid(), endpoint)
     client = _clients.get(key)
-    if client is None:
-        config = Config(
-            retries={"max_attempts": 4, "mode": "adaptive"},
-            max_pool_connections=32,
-            connect_timeout=10,
-            read_timeout=60,
-        )
-        client = boto3.client("s3", endpoint_url=endpoint, config=config)
-        _clients[key] = client
+    if client is not None:
+        return client
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(
+                retries={"max_attempts": 4, "mode": "adaptive"},
+                max_pool_connections=32,
+                connect_timeout=10,
+                read_timeout=60,
+                # Plain bodies with Content-Length, which every S3-compatible store accepts.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            )
+            client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+            _clients[key] = client
     return client
+
+
+def is_not_found(exc: BaseException) -> bool:
+    """True when a boto3 error says the object (or bucket) does not exist."""
+    from botocore.exceptions import ClientError
+
+    if not isinstance(exc, ClientError):
+        return False
+    error = exc.response.get("Error", {})
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return error.get("Code") in ("404", "NoSuchKey", "NotFound") or status == 404
 
 
 def arrow_filesystem(location: Location, endpoint: str | None = None) -> pafs.FileSystem:
@@ -96,7 +153,7 @@ def arrow_filesystem(location: Location, endpoint: str | None = None) -> pafs.Fi
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
         kwargs["scheme"] = parsed.scheme or "https"
-    return pafs.S3FileSystem(**kwargs)
+    return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=s3_max_attempts()), **kwargs)
 
 
 @dataclass

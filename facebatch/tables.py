@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import storage
+from .config import ConfigError, check_run_id
 
 EMBEDDING_DIM = 128
 
@@ -96,18 +99,20 @@ class Heartbeat:
     run started on the same OUT does not mistake the live run's staging for a crash's leftovers."""
 
     def __init__(self, fs: pafs.FileSystem, location: storage.Location):
-        import threading
-
-        self.fs, self.path = fs, location.fs_path()
+        self.fs, self.location = fs, location
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None  # stop() is safe even if the first beat fails
+        try:
+            self._beat()
+        except OSError as exc:
+            raise storage.storage_error("write heartbeat", location.uri(), exc) from exc
         _ACTIVE_HEARTBEATS.add(self)
-        self._beat()
         self._thread = threading.Thread(target=self._loop, name="facebatch-heartbeat", daemon=True)
         self._thread.start()
 
     def _beat(self) -> None:
-        with self.fs.open_output_stream(self.path) as fh:
-            fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode())
+        # write_json replaces the file in one step, so a reader never sees half a heartbeat.
+        write_json(self.fs, self.location, {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
 
     def _loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
@@ -117,8 +122,10 @@ class Heartbeat:
                 pass  # a missed beat only matters after STALE_AFTER_SECONDS of them
 
     def stop(self) -> None:
+        """Stop beating. Idempotent, and safe whatever state the heartbeat is in."""
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         _ACTIVE_HEARTBEATS.discard(self)
 
 
@@ -164,11 +171,19 @@ class RunWriter:
     _buffered_rows: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_run_id(self.run_id)
         self.fs = storage.arrow_filesystem(self.out, self.endpoint)
         # The heartbeat comes first: a staging folder without one looks abandoned to other runs.
         heartbeat = staging_location(self.out, self.run_id, "HEARTBEAT")
         ensure_parent_dir(self.fs, self.out, heartbeat.fs_path())
         self.heartbeat = Heartbeat(self.fs, heartbeat)
+        try:
+            self._open_writers()
+        except BaseException:
+            self.heartbeat.stop()  # what was staged is left for recovery to discard
+            raise
+
+    def _open_writers(self) -> None:
         for name, schema in TABLES.items():
             path = staging_location(self.out, self.run_id, name).fs_path()
             ensure_parent_dir(self.fs, self.out, path)
@@ -222,6 +237,16 @@ class RunWriter:
             fh.write(json.dumps({name: s.rows for name, s in self.staged.items()}).encode())
         return {name: s.rows for name, s in self.staged.items()}
 
+    def abort(self) -> None:
+        """Give up this run: stop beating and delete what it staged (nothing of it was visible)."""
+        for staged in self.staged.values():
+            try:
+                staged.writer.close()
+            except OSError:
+                pass  # the folder is deleted below; recovery discards it should that fail too
+        self.heartbeat.stop()
+        _delete_tree(self.fs, self.out.join("_staging", self.run_id))
+
 
 def staging_location(out: storage.Location, run_id: str, name: str) -> storage.Location:
     filename = name if name in ("READY", "HEARTBEAT") else f"{name}.parquet"
@@ -235,18 +260,27 @@ def table_file(out: storage.Location, name: str, run_id: str) -> storage.Locatio
 def _move(out: storage.Location, src: storage.Location, dst: storage.Location, endpoint: str | None) -> None:
     """Move one file so that it appears at dst whole or not at all; a missing src means done already."""
     if out.is_s3:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         client = storage.s3_client(endpoint)
         try:
             client.head_object(Bucket=src.bucket, Key=src.path)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if storage.is_not_found(exc):
                 return  # moved by an earlier attempt
-            raise  # throttling, 5xx, no access: the publish fails and the next run finishes it
-        # Managed copy: multipart for objects over 5 GB; the destination appears on completion.
-        client.copy({"Bucket": src.bucket, "Key": src.path}, dst.bucket, dst.path)
-        client.delete_object(Bucket=src.bucket, Key=src.path)
+            # Throttling, 5xx, no access: the publish fails and the next run finishes it.
+            raise storage.storage_error("HEAD", src.uri(), exc) from exc
+        except BotoCoreError as exc:
+            raise storage.storage_error("HEAD", src.uri(), exc) from exc
+        try:
+            # Managed copy: multipart for objects over 5 GB; the destination appears on completion.
+            client.copy({"Bucket": src.bucket, "Key": src.path}, dst.bucket, dst.path)
+        except (ClientError, BotoCoreError) as exc:
+            raise storage.storage_error(f"COPY {src.uri()} ->", dst.uri(), exc) from exc
+        try:
+            client.delete_object(Bucket=src.bucket, Key=src.path)
+        except (ClientError, BotoCoreError) as exc:
+            raise storage.storage_error("DELETE", src.uri(), exc) from exc
         return
     import os
 
@@ -285,7 +319,9 @@ def remove_superseded(out: storage.Location, run_id: str, endpoint: str | None =
     try:
         replaced = pq.read_table(staged_images, columns=["image_id", "pipeline_version", "status"], filesystem=fs)
     except FileNotFoundError:
-        return 0  # already published: its supersede step ran before (other errors abort the publish)
+        return 0  # already published: its supersede step ran before
+    except OSError as exc:  # any other failure aborts the publish; the next run finishes it
+        raise storage.storage_error("read", staging_location(out, run_id, "images").uri(), exc) from exc
     pruned = None
     try:
         pruned = pq.read_table(out.join("_staging", run_id, "prune.parquet").fs_path(), filesystem=fs)["image_id"].combine_chunks()
@@ -313,7 +349,7 @@ def remove_superseded(out: storage.Location, run_id: str, endpoint: str | None =
             kept = table.filter(pc.invert(mask))
             removed += n
             if kept.num_rows == 0:
-                fs.delete_file(path)
+                delete_file(fs, path, _uri_of(out, path))
                 continue
             tmp = out.join("_staging", run_id, f"rewrite-{name}-{path.rsplit('/', 1)[1]}")
             pq.write_table(kept, tmp.fs_path(), filesystem=fs, compression="zstd", row_group_size=meta.row_group(0).num_rows if meta.num_row_groups else None)
@@ -355,6 +391,8 @@ def _num_rows(fs: pafs.FileSystem, location: storage.Location) -> int | None:
         return pq.ParquetFile(location.fs_path(), filesystem=fs).metadata.num_rows
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise storage.storage_error("read footer of", location.uri(), exc) from exc
 
 
 def write_json(fs: pafs.FileSystem, location: storage.Location, payload: dict[str, Any]) -> None:
@@ -373,19 +411,46 @@ def write_json(fs: pafs.FileSystem, location: storage.Location, payload: dict[st
     os.replace(tmp, path)
 
 
+# pyarrow reads a small object into a buffer the size of the object; when S3 answers the GET with
+# an error whose XML body is larger (a 503 SlowDown for a 25-byte READY marker), the SDK reports
+# "Failed to flush response stream", which it does not retry. So small JSON reads retry here.
+READ_JSON_ATTEMPTS = 4
+
+
 def read_json(fs: pafs.FileSystem, location: storage.Location) -> dict[str, Any] | None:
+    """The object's JSON, or None when it does not exist. Any other failure raises StorageError:
+    a failed GET must never read as "absent" (recovery would delete a finished run)."""
+    attempt = 1
+    while True:
+        try:
+            with fs.open_input_stream(location.fs_path()) as fh:
+                return json.loads(fh.read())
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if attempt == READ_JSON_ATTEMPTS:
+                raise storage.storage_error("GET", location.uri(), exc) from exc
+        time.sleep(0.2 * 2 ** (attempt - 1) * (0.5 + random.random()))
+        attempt += 1
+
+
+def delete_file(fs: pafs.FileSystem, fs_path: str, uri: str) -> None:
+    """Delete one object; already gone is fine, any other failure raises StorageError."""
     try:
-        with fs.open_input_stream(location.fs_path()) as fh:
-            return json.loads(fh.read())
-    except (FileNotFoundError, OSError):
-        return None
+        fs.delete_file(fs_path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise storage.storage_error("DELETE", uri, exc) from exc
 
 
 def _delete_tree(fs: pafs.FileSystem, location: storage.Location) -> None:
     try:
         fs.delete_dir(location.fs_path())
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:
         pass
+    except OSError as exc:
+        raise storage.storage_error("DELETE folder", location.uri(), exc) from exc
 
 
 def recover_staging(out: storage.Location, endpoint: str | None = None) -> list[dict[str, str]]:
@@ -396,14 +461,23 @@ def recover_staging(out: storage.Location, endpoint: str | None = None) -> list[
     """
     fs = storage.arrow_filesystem(out, endpoint)
     actions: list[dict[str, str]] = []
+    staging = out.join("_staging")
     try:
-        entries = fs.get_file_info(pafs.FileSelector(out.join("_staging").fs_path(), allow_not_found=True))
-    except (FileNotFoundError, OSError):
+        entries = fs.get_file_info(pafs.FileSelector(staging.fs_path(), allow_not_found=True))
+    except FileNotFoundError:
         return actions
+    except OSError as exc:
+        raise storage.storage_error("LIST", staging.uri(), exc) from exc
     for entry in entries:
         if entry.type != pafs.FileType.Directory:
             continue
         run_id = entry.base_name
+        try:
+            check_run_id(run_id)
+        except ConfigError:
+            # Not made by facebatch (or a hostile name): never turned into paths to publish or delete.
+            actions.append({"run_id": run_id, "action": "left alone: not a run id"})
+            continue
         if _is_live(fs, out, run_id):
             actions.append({"run_id": run_id, "action": "left alone: another run is writing it"})
             continue
@@ -433,6 +507,10 @@ def recover_staging(out: storage.Location, endpoint: str | None = None) -> list[
             _delete_tree(fs, out.join("_staging", run_id))
             actions.append({"run_id": run_id, "action": "discarded"})
     return actions
+
+
+def _uri_of(out: storage.Location, fs_path: str) -> str:
+    return f"s3://{fs_path}" if out.is_s3 else fs_path
 
 
 def table_glob(out: storage.Location, name: str) -> str:

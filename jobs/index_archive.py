@@ -25,16 +25,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from facebatch.cli import config_from_args, format_summary
     from facebatch.config import ConfigError
-    from facebatch.pipeline import run_index
+    from facebatch.pipeline import RunFailed, run_index
+    from facebatch.storage import StorageError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
-    except ConfigError as exc:
+        summary = run_index(config, ray_address=args.ray_address, object_store_memory=args.object_store_memory)
+    except ConfigError as exc:  # also what planning finds wrong with SOURCE (e.g. a manifest's uris)
         print(f"index_archive.py: {exc}", file=sys.stderr)
         return 2
-    summary = run_index(config, ray_address=args.ray_address, object_store_memory=args.object_store_memory)
+    except (RunFailed, StorageError) as exc:  # the message says what failed; staged state is kept or removed
+        print(f"index_archive.py: {exc}", file=sys.stderr)
+        return 1
     print(format_summary(summary.record))
     return 0
 

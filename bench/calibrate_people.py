@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     emb, person, img = generate(args.faces, args.seed)
     t0 = time.perf_counter()
-    sims, idx = C.knn(emb, max(args.ks))
+    sims, idx = C.knn(emb, max(args.ks), exact=args.faces <= C.EXACT_MAX, threads=1)
     print(f"{args.faces} faces (seed {args.seed}), knn k={max(args.ks)}: {time.perf_counter() - t0:.0f} s")
     print(f"{'k':>3s} {'thr':>6s} {'min':>4s} {'sec':>6s} {'BC-P':>7s} {'BC-R':>7s} {'BC-F':>7s} {'pw-F':>7s}")
     for k in args.ks:

@@ -492,10 +492,8 @@ def cluster(embeddings: np.ndarray, image_keys: np.ndarray, *, threshold: float 
     lab = np.arange(n, dtype=np.int64)
     labelled = np.flatnonzero(nm >= 0)
     if len(labelled):
-        _, first = np.unique(nm[labelled], return_index=True)
-        rep = np.full(nm.max() + 1, -1, np.int64)
-        rep[nm[labelled][first]] = labelled[first]
-        lab[labelled] = rep[nm[labelled]]
+        uniq_names, first, inv = np.unique(nm[labelled], return_index=True, return_inverse=True)
+        lab[labelled] = labelled[first][inv]
     sums = np.zeros((n, x.shape[1]), np.float32)
     if len(labelled):
         u, ssum = _segment_sum(x, lab)

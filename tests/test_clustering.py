@@ -12,6 +12,18 @@ from facebatch import clustering as C
 from facebatch.evaluation import bcubed, pairwise_f
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """One OpenMP thread: on a shared 2-core machine two spinning threads are several times
+    slower than one (measured: the 20k recall test 86 s vs ~15 s under load 10)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def synth():
     emb, person, img = generate(6000, seed=3)
@@ -56,11 +68,18 @@ def test_knn_self_excluded_and_padding():
 
 
 def test_knn_approximate_recall_20k():
-    emb, _, _ = generate(20_000, seed=1)
+    """The IVF index at the search setting finds >= 95% of the exact neighbours; the cheaper
+    graph setting (GRAPH_NPROBE, GRAPH_K_FACTOR) finds fewer ids but clusters as well as the exact graph."""
+    emb, person, img = generate(20_000, seed=1)
     s_ex, i_ex = C.knn(emb, C.K, exact=True)
-    s_ap, i_ap = C.knn(emb, C.K, exact=False)
-    recall = C.knn_recall(i_ex, s_ex, i_ap, s_ap)
-    assert recall >= 0.95, recall
+    index = C.build_search_index(emb, exact=False)
+    s_ap, i_ap = C.knn(emb, C.K, index=index, nprobe=C.SEARCH_NPROBE, k_factor=C.SEARCH_K_FACTOR)
+    assert C.id_recall(i_ex, i_ap) >= 0.95
+    assert C.knn_recall(i_ex, s_ex, i_ap, s_ap) >= 0.95
+    s_g, i_g = C.knn(emb, C.K, index=index)                     # graph setting
+    f_exact = bcubed(C.cluster(emb, img, knn_graph=(s_ex, i_ex)), person)[2]
+    f_graph = bcubed(C.cluster(emb, img, knn_graph=(s_g, i_g)), person)[2]
+    assert f_graph >= f_exact - 0.005, (f_graph, f_exact)
 
 
 def test_search_index_roundtrip(tmp_path):
@@ -181,6 +200,7 @@ def test_assign_threshold_and_cannot_link():
 
 # --- ray -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_knn_distributed_equals_knn():
     ray = pytest.importorskip("ray")
     emb, _, _ = generate(3000, seed=4)
@@ -197,3 +217,13 @@ def test_knn_distributed_equals_knn():
         assert (i == idd).all() and np.allclose(s, sd)
     finally:
         ray.shutdown()
+
+
+def test_knn_rows_only_searches_rows():
+    emb, _, _ = generate(2000, seed=6)
+    rows = np.array([5, 100, 1999])
+    s, i = C.knn_rows(emb, rows, 4, exact=True)
+    full_s, full_i = C.knn(emb, 4, exact=True)
+    assert (i[rows] == full_i[rows]).all() and np.allclose(s[rows], full_s[rows])
+    others = np.setdiff1d(np.arange(2000), rows)
+    assert (i[others] == -1).all()

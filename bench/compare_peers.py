@@ -93,6 +93,16 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def best_rows(chosen: list[tuple], runs: dict[str, list[dict]]) -> list[dict]:
+    """One row per measurement that has run: its fastest result, with every round's seconds."""
+    rows = []
+    for key, group, label, *_ in chosen:
+        if runs[key]:
+            best = min(runs[key], key=lambda r: r["seconds"])
+            rows.append({"key": key, "group": group, "label": label, **best, "all_seconds": [r["seconds"] for r in runs[key]]})
+    return rows
+
+
 def list_photos(photos: Path | None, limit: int | None) -> list[Path]:
     if photos is None:
         faces = SHARED / "faces"
@@ -232,12 +242,12 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     result = run_worker(python if venv == "peers" else Path(sys.executable), task, npz, args, batch_size,
                                         facebatch=venv == "facebatch")
-                print(f" {result['seconds']:.2f} s, {result['faces']} faces")
+                cpu = f", CPU {result['cpu_s']:.1f} s" if result.get("cpu_s") is not None else ""
+                print(f" {result['seconds']:.2f} s{cpu}, {result['faces']} faces, load {load_average()}", flush=True)
                 runs[key].append(result)
-        for key, group, label, *_ in chosen:
-            best = min(runs[key], key=lambda r: r["seconds"])
-            rows.append({"key": key, "group": group, "label": label, **best,
-                         "all_seconds": [r["seconds"] for r in runs[key]]})
+            rows = best_rows(chosen, runs)
+            if args.rounds > 1 and round_no + 1 < args.rounds:  # a run cut short still leaves a table
+                print(format_table(rows), flush=True)
     load_after = load_average()
 
     versions = {}  # name -> version; torch once per venv

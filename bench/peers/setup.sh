@@ -31,8 +31,10 @@ echo "building peers venv in $VENV with $("$PY" --version 2>&1)"
 mkdir -p "$PEERS_DIR"
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -r "$REQ"
+# (pip's "Location ... is ignored" lines, one a package, are this machine's local indexes: noise)
+quiet_pip() { "$VENV/bin/python" -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+quiet_pip --upgrade pip
+quiet_pip -r "$REQ"
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
 from pathlib import Path

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch; pinned first so pip never pulls a multi-GB CUDA wheel.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: run test bench clean
+.PHONY: run test bench compare-peers clean
 
 $(BIN)/facebatch: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(BIN)/facebatch
 
 bench: $(BIN)/facebatch
 	$(BIN)/python bench/bench_detector.py
+
+# facebatch next to facenet-pytorch and dlib, side by side in one run (builds bench/.peers first).
+compare-peers: $(BIN)/facebatch
+	PYTHONPATH=$(CURDIR) $(BIN)/python bench/compare_peers.py $(COMPARE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,4 +1,5 @@
-"""Detector speed on the shared corpus, next to facenet-pytorch's recorded seconds.
+"""Detector speed on the shared corpus, next to facenet-pytorch's recorded seconds
+(for facenet-pytorch timed in the same run, on the same pixels, see bench/compare_peers.py).
 
     .venv/bin/python bench/bench_detector.py [--device cpu] [--batch-sizes 1,32] [--limit N]
                                              [--threads 2] [--repeats 1]

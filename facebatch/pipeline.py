@@ -463,6 +463,10 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
     endpoint = config.s3_endpoint_url()
     run_id = config.run_id or new_run_id()
 
+    # One writer per OUT: a second `index`, `compact` or `people` on it stops here (LeaseHeld, exit 2).
+    from .lease import Lease
+
+    lease = on_exit.enter_context(Lease(out, endpoint, holder=f"facebatch index run {run_id}"))
     recovered = tables.recover_staging(out, endpoint)
     for action in recovered:
         log.warning("previous run %s was interrupted: %s", action["run_id"], action["action"])
@@ -619,5 +623,6 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
     tables.fault_point("staged-before-record")
     tables.write_json(fs, out.join("_staging", run_id, "record.json"), record)
     tables.fault_point("staged-after-record")
+    lease.check()  # taken over while this run was cut off: the other writer's recovery publishes it
     tables.publish_run(out, run_id, record, endpoint, heartbeat=writer.heartbeat)
     return RunSummary(run_id=run_id, pipeline_version=version, out=config.out, record=record)

@@ -236,6 +236,11 @@ class FaceModelActor:
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
+            # OpenCV (decoding, resizing, alignment warps) has its own pool, sized to all of the
+            # machine's cores by default: it would compete with torch's threads for this actor's.
+            import cv2
+
+            cv2.setNumThreads(torch_threads)
         params = DetectorParams(
             min_face_size=detector_params["min_face_size"],
             thresholds=tuple(detector_params["thresholds"]),

@@ -11,7 +11,7 @@ ETag, and the benchmark measures, each step in a fresh process:
 
 for changed objects `scattered` (uniformly over the archive) and `clustered` (one folder).
 Reported: seconds, bytes the process read (rchar of /proc/self/io: every read() of the step, the
-index's files and the run's own staged/spilled files), peak RSS of the process (ru_maxrss), and
+index's files and the run's own staged/spilled files), peak RSS of the process (VmHWM), and
 the index's size. Finally it plans a --rows-object CSV.gz manifest against an empty OUT.
 
     .venv/bin/python bench/bench_nightly_plan.py --work /tmp/nightly-bench
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -63,11 +62,11 @@ def generate(work: Path, rows: int, faces_every: int) -> None:
                    'ok' AS status, NULL::VARCHAR AS error, (i % {faces_every} = 0)::INT AS num_faces,
                    '{VERSION}' AS pipeline_version, 'compact-bench' AS run_id,
                    TIMESTAMPTZ '2026-01-01 00:00:00+00' AS indexed_at
-            FROM range({start}, {stop}) t(i) ORDER BY i""").fetch_record_batch(ROW_GROUP)
+            FROM range({start}, {stop}) t(i) ORDER BY i""").to_arrow_reader(ROW_GROUP)
         with pq.ParquetWriter(index / "images" / name, tables.IMAGES_SCHEMA, compression="zstd") as writer:
             for batch in images:
                 writer.write_table(pa.Table.from_batches([batch]).cast(tables.IMAGES_SCHEMA), row_group_size=ROW_GROUP)
-        ids = con.execute(f"SELECT {_id_sql('i')} FROM range({start}, {stop}) t(i) WHERE i % {faces_every} = 0 ORDER BY i").fetch_record_batch(ROW_GROUP)
+        ids = con.execute(f"SELECT {_id_sql('i')} FROM range({start}, {stop}) t(i) WHERE i % {faces_every} = 0 ORDER BY i").to_arrow_reader(ROW_GROUP)
         with pq.ParquetWriter(index / "faces" / name, tables.FACES_SCHEMA, compression="zstd") as writer:
             for batch in ids:
                 m = batch.num_rows
@@ -112,8 +111,15 @@ def _rchar() -> int:
         return int(next(line for line in fh if line.startswith("rchar")).split()[1])
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        return int(next(line for line in fh if line.startswith(field + ":")).split()[1])
+
+
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM: this process's resident high-water mark (not ru_maxrss, which Linux carries over
+    # from the parent's image across fork + exec).
+    return _status_kib("VmHWM") * 1024
 
 
 def step(kind: str, source: str, out: str, run_id: str) -> dict:
@@ -127,7 +133,7 @@ def step(kind: str, source: str, out: str, run_id: str) -> dict:
     location = storage.parse_location(out)
     result: dict = {}
     if kind == "plan":
-        rss0, r0, t0 = _peak_rss(), _rchar(), time.perf_counter()
+        rss0, r0, t0 = _status_kib('VmRSS') * 1024, _rchar(), time.perf_counter()
         plan = build_plan(IndexConfig(source=source, out=out).validate(), VERSION)
         result.update(seconds=time.perf_counter() - t0, read_bytes=_rchar() - r0, peak_rss=_peak_rss(), rss_before=rss0,
                       counts=plan.counts, todo=plan.num_todo)
@@ -147,7 +153,7 @@ def step(kind: str, source: str, out: str, run_id: str) -> dict:
         plan.cleanup()
     else:
         stats = tables.SupersedeStats()
-        rss0, r0, t0 = _peak_rss(), _rchar(), time.perf_counter()
+        rss0, r0, t0 = _status_kib('VmRSS') * 1024, _rchar(), time.perf_counter()
         # publish_run as the pipeline calls it, with the supersede statistics it records.
         real = tables.remove_superseded
         tables.remove_superseded = lambda o, r, e=None, s=None: real(o, r, e, stats)  # noqa: E731

@@ -198,7 +198,7 @@ def _manifest_batches(config: IndexConfig) -> Iterator[pa.RecordBatch]:
 
 # Planning's DuckDB limits: the joins, the aggregation and the sort spill to the plan's own folder
 # beyond this much memory, so the driver stays small whatever the size of the index or listing.
-PLAN_MEMORY_LIMIT = os.environ.get("FACEBATCH_PLAN_MEMORY", "1GB")
+PLAN_MEMORY_LIMIT = os.environ.get("FACEBATCH_PLAN_MEMORY", "512MB")
 PLAN_THREADS = int(os.environ.get("FACEBATCH_PLAN_THREADS", "0")) or None
 
 
@@ -269,38 +269,50 @@ def _classify(con: duckdb.DuckDBPyConnection, config: IndexConfig, pipeline_vers
     if duplicate:
         raise ConfigError(f"SOURCE lists image_id {duplicate[0]!r} {duplicate[1]} times; image ids must be unique")
 
-    # The latest row per image_id for this pipeline version decides what happens to an object
-    # (a hash aggregation, which spills, rather than a window over the whole table).
+    # The latest row per image_id for this pipeline version decides what happens to an object.
+    # A version has one row per image (publishing supersedes older rows), so the "latest" window
+    # runs only over the rare ids with several rows; everything here is a hash join or an
+    # aggregation with fixed-size states, which DuckDB spills to disk under its memory limit.
+    published = f"(SELECT image_id, etag, status, indexed_at FROM {existing} WHERE pipeline_version = {version})"
+    con.execute(f"CREATE TABLE repeated_ids AS SELECT image_id FROM {published} GROUP BY image_id HAVING count(*) > 1")
     con.execute(
         f"""
-        CREATE TABLE current_rows AS
-        SELECT image_id, latest.etag AS etag, latest.status AS status FROM (
-          SELECT image_id, arg_max({{'etag': etag, 'status': status}}, indexed_at) AS latest
-          FROM {existing} WHERE pipeline_version = {version} GROUP BY image_id)
+        CREATE VIEW current_rows AS
+        SELECT image_id, etag, status FROM {published} WHERE image_id NOT IN (SELECT image_id FROM repeated_ids)
+        UNION ALL
+        SELECT image_id, etag, status FROM {published} WHERE image_id IN (SELECT image_id FROM repeated_ids)
+        QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY indexed_at DESC) = 1
         """
     )
+    # One full outer join classifies listed objects and finds deleted ones; only the rows that
+    # matter later (not 'unchanged', unless --full) keep their columns, so the table stays small.
     con.execute(
         f"""
         CREATE TABLE classified AS
-        SELECT l.image_id, l.uri, l.size, l.etag,
-          CASE
-            WHEN c.image_id IS NULL THEN 'new'
-            WHEN l.etag IS NOT NULL AND c.etag IS DISTINCT FROM l.etag THEN 'changed'
-            WHEN c.status <> 'ok' THEN 'retry'
-            ELSE 'unchanged'
-          END AS change
-        FROM {listing} l LEFT JOIN current_rows c USING (image_id)
-        """
+        SELECT change,
+          CASE WHEN change <> 'unchanged' OR $full THEN image_id END AS image_id,
+          CASE WHEN change <> 'unchanged' OR $full THEN uri END AS uri,
+          CASE WHEN change <> 'unchanged' OR $full THEN size END AS size,
+          CASE WHEN change <> 'unchanged' OR $full THEN etag END AS etag
+        FROM (
+          SELECT coalesce(l.image_id, c.image_id) AS image_id, l.uri, l.size, l.etag,
+            CASE
+              WHEN l.image_id IS NULL THEN 'deleted'
+              WHEN c.image_id IS NULL THEN 'new'
+              WHEN l.etag IS NOT NULL AND c.etag IS DISTINCT FROM l.etag THEN 'changed'
+              WHEN c.status <> 'ok' THEN 'retry'
+              ELSE 'unchanged'
+            END AS change
+          FROM {listing} l FULL OUTER JOIN current_rows c ON l.image_id = c.image_id)
+        """.replace("$full", "TRUE" if config.full else "FALSE")
     )
-    counts = dict(con.execute("SELECT change, count(*) FROM classified GROUP BY change").fetchall())
-    counts = {k: int(counts.get(k, 0)) for k in ("new", "changed", "retry", "unchanged")}
+    by_change = dict(con.execute("SELECT change, count(*) FROM classified GROUP BY change").fetchall())
+    counts = {k: int(by_change.get(k, 0)) for k in ("new", "changed", "retry", "unchanged")}
     counts["listed"] = sum(counts.values())
-    counts["deleted"] = int(
-        con.execute(f"SELECT count(*) FROM current_rows c ANTI JOIN {listing} l USING (image_id)").fetchone()[0]
-    )
+    counts["deleted"] = int(by_change.get("deleted", 0))
 
     if config.full:
-        wanted = "TRUE"
+        wanted = "change <> 'deleted'"
     elif config.reprocess_errors:
         wanted = "change IN ('new', 'changed', 'retry')"
     else:
@@ -315,7 +327,7 @@ def _classify(con: duckdb.DuckDBPyConnection, config: IndexConfig, pipeline_vers
     if config.prune and counts["deleted"]:
         deleted_path = os.path.join(spill_dir, "deleted.parquet")
         con.execute(
-            f"COPY (SELECT image_id FROM current_rows ANTI JOIN {listing} USING (image_id) ORDER BY image_id) "
+            f"COPY (SELECT image_id FROM classified WHERE change = 'deleted' ORDER BY image_id) "
             f"TO '{deleted_path}' (FORMAT parquet)"
         )
         plan.deleted_ids_path = deleted_path

@@ -116,6 +116,13 @@ def _status_kib(field: str) -> int:
         return int(next(line for line in fh if line.startswith(field + ":")).split()[1])
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _peak_rss() -> int:
     # VmHWM: this process's resident high-water mark (not ru_maxrss, which Linux carries over
     # from the parent's image across fork + exec).
@@ -133,9 +140,9 @@ def step(kind: str, source: str, out: str, run_id: str) -> dict:
     location = storage.parse_location(out)
     result: dict = {}
     if kind == "plan":
-        rss0, r0, t0 = _status_kib('VmRSS') * 1024, _rchar(), time.perf_counter()
+        rss0, r0, t0, c0 = _status_kib('VmRSS') * 1024, _rchar(), time.perf_counter(), _cpu_seconds()
         plan = build_plan(IndexConfig(source=source, out=out).validate(), VERSION)
-        result.update(seconds=time.perf_counter() - t0, read_bytes=_rchar() - r0, peak_rss=_peak_rss(), rss_before=rss0,
+        result.update(seconds=time.perf_counter() - t0, cpu_seconds=_cpu_seconds() - c0, read_bytes=_rchar() - r0, peak_rss=_peak_rss(), rss_before=rss0,
                       counts=plan.counts, todo=plan.num_todo)
         if run_id:
             # Stage the run the pipeline would write for the planned objects (not measured).
@@ -153,12 +160,12 @@ def step(kind: str, source: str, out: str, run_id: str) -> dict:
         plan.cleanup()
     else:
         stats = tables.SupersedeStats()
-        rss0, r0, t0 = _status_kib('VmRSS') * 1024, _rchar(), time.perf_counter()
+        rss0, r0, t0, c0 = _status_kib('VmRSS') * 1024, _rchar(), time.perf_counter(), _cpu_seconds()
         # publish_run as the pipeline calls it, with the supersede statistics it records.
         real = tables.remove_superseded
         tables.remove_superseded = lambda o, r, e=None, s=None: real(o, r, e, stats)  # noqa: E731
         tables.publish_run(location, run_id, {"run_id": run_id})
-        result.update(seconds=time.perf_counter() - t0, read_bytes=_rchar() - r0, peak_rss=_peak_rss(), rss_before=rss0,
+        result.update(seconds=time.perf_counter() - t0, cpu_seconds=_cpu_seconds() - c0, read_bytes=_rchar() - r0, peak_rss=_peak_rss(), rss_before=rss0,
                       rows_removed=stats.rows_removed, files_rewritten=stats.files_rewritten,
                       row_groups_probed=stats.row_groups_probed, row_groups_total=stats.row_groups_total)
     del pa

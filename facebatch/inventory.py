@@ -162,7 +162,7 @@ def inventory_batches(source: str, endpoint: str | None, chunk: int = 100_000) -
                 raw = _csv_batches(fs, path, columns, chunk)
                 fields, url_encoded = CSV_FIELDS, True
             else:
-                raw = pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=chunk)
+                raw = pq.ParquetFile(path, filesystem=fs, pre_buffer=False).iter_batches(batch_size=chunk)
                 fields, url_encoded = PARQUET_FIELDS, False
             for batch in raw:
                 yield _normalise(batch, fields, url_encoded, source_bucket)

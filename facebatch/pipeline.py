@@ -623,7 +623,7 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
 
         with pq.ParquetWriter(out.join("_staging", run_id, tables.PRUNE_FILE).fs_path(),
                               pa.schema([("image_id", pa.string())]), filesystem=fs) as prune:
-            for batch in pq.ParquetFile(plan.deleted_ids_path).iter_batches(columns=["image_id"]):
+            for batch in pq.ParquetFile(plan.deleted_ids_path, pre_buffer=False).iter_batches(columns=["image_id"]):
                 prune.write_batch(batch)
     tables.fault_point("staged-before-record")
     tables.write_json(fs, out.join("_staging", run_id, "record.json"), record)

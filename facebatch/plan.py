@@ -50,7 +50,7 @@ class Plan:
     deleted_ids_path: str | None = None
 
     def batches(self, rows: int = 10_000) -> Iterator[pa.RecordBatch]:
-        for batch in pq.ParquetFile(self.todo_path).iter_batches(batch_size=rows):
+        for batch in pq.ParquetFile(self.todo_path, pre_buffer=False).iter_batches(batch_size=rows):
             yield batch
 
     @property
@@ -137,7 +137,8 @@ def _manifest_reader(config: IndexConfig) -> Iterator[pa.RecordBatch]:
                 )
                 yield from reader
             return
-        parquet = pq.ParquetFile(location.fs_path(), filesystem=fs)
+        # pre_buffer=False: with it, iterating a whole file buffers every row group up front.
+        parquet = pq.ParquetFile(location.fs_path(), filesystem=fs, pre_buffer=False)
         columns = [c for c in MANIFEST_TYPES if c in parquet.schema_arrow.names] or None
         yield from parquet.iter_batches(batch_size=LISTING_CHUNK, columns=columns)
     except FileNotFoundError as exc:

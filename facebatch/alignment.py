@@ -38,6 +38,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .versions import ALIGNMENT_CODE_VERSION  # noqa: F401  (bump it there with any result-changing change here)
+
 __all__ = [
     "CHIP_SIZE",
     "DLIB_SHAPE5_TEMPLATE",

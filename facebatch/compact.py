@@ -94,8 +94,17 @@ def compact(out_uri: str, target_rows: int = 2_000_000, endpoint: str | None = N
     if not _holds_an_index(fs, out):
         raise ConfigError(f"{out_uri} holds no facebatch index (no images/, faces/, _runs/ or _staging/ in it): "
                           "give the --out of `facebatch index`")
-    tables.recover_staging(out, endpoint)
     compaction_id = "compact-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    from .lease import Lease
+
+    # One writer per OUT: no indexing or people run publishes while the files are merged and swapped.
+    with Lease(out, endpoint, holder=f"facebatch compact {compaction_id}") as lease:
+        return _compact(out, fs, compaction_id, target_rows, endpoint, row_group_size, lease)
+
+
+def _compact(out: storage.Location, fs: pafs.FileSystem, compaction_id: str, target_rows: int, endpoint: str | None,
+             row_group_size: int, lease) -> dict[str, Any]:
+    tables.recover_staging(out, endpoint)
     # Like an indexing run, a compaction heartbeats its staging folder so that no run started
     # meanwhile takes it for a crash's leftovers.
     heartbeat_location = out.join("_staging", compaction_id, "HEARTBEAT")
@@ -136,6 +145,7 @@ def compact(out_uri: str, target_rows: int = 2_000_000, endpoint: str | None = N
         report["tables"][name] = {"files_before": len(files), "files_after": part, "rows": total}
     try:
         if journal["add"] or journal["remove"]:
+            lease.check()
             tables.write_json(fs, out.join("_staging", compaction_id, "compact.json"), journal)
             # On success this removes the staging folder; on failure the journal stays for recovery.
             finish_compaction(out, compaction_id, endpoint, heartbeat)

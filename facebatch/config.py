@@ -130,15 +130,23 @@ class IndexConfig:
 
 
 def pipeline_version(model_hashes: dict[str, str], config: IndexConfig) -> str:
-    """A short stable hash of everything that changes results: model files and parameters.
+    """A short stable hash of everything that changes results: model files, parameters (the pixel
+    limit included) and the version of the code of the decoder, detector, alignment and embedder.
 
     Two runs with the same pipeline version produce the same rows for the same bytes, so
     an (uri, etag) already indexed under it is skipped.
     """
+    from . import versions
+
     material = {
         "models": dict(sorted(model_hashes.items())),
         "detector": dataclasses.asdict(config.detector),
         "max_side": config.max_side,
+        # Photos above the pixel limit are 'too_large' rows: a different limit, different rows.
+        "max_pixels": config.max_pixels,
+        # The code that computes results (facebatch/versions.py: bump with any result-changing change).
+        "code": {"detector": versions.DETECTOR_CODE_VERSION, "alignment": versions.ALIGNMENT_CODE_VERSION,
+                 "decoder": versions.DECODER_CODE_VERSION, "embedder": versions.EMBEDDER_CODE_VERSION},
         "embed": config.embed,
         # 2: embeddings are flip-averaged (facebatch.embedder), a different vector per face.
         "schema": 2,

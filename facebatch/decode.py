@@ -61,6 +61,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageCms, ImageFile, JpegImagePlugin
 
+from .versions import DECODER_CODE_VERSION  # noqa: F401  (bump it there with any result-changing change here)
+
 DEFAULT_MAX_PIXELS = 100_000_000
 
 DecodeStatus = Literal["not_image", "unsupported_format", "corrupt", "truncated", "too_large"]

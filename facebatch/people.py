@@ -344,9 +344,17 @@ RAY_KNN_MIN_FACES = 200_000
 
 
 def run_people(config: PeopleConfig, ray_address: str | None = None) -> PeopleSummary:
-    from . import clustering
+    from .lease import Lease
 
     config.validate()
+    # One writer per OUT: not while an index run or a compaction changes the faces it reads.
+    with Lease(config.out, config.endpoint(), holder=f"facebatch people ({config.run_id or 'new run'})"):
+        return _run_people(config, ray_address)
+
+
+def _run_people(config: PeopleConfig, ray_address: str | None = None) -> PeopleSummary:
+    from . import clustering
+
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     out = storage.parse_location(config.out)

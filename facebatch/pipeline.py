@@ -236,6 +236,11 @@ class FaceModelActor:
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
+            # OpenCV (decoding, resizing, alignment warps) has its own pool, sized to all of the
+            # machine's cores by default: it would compete with torch's threads for this actor's.
+            import cv2
+
+            cv2.setNumThreads(torch_threads)
         params = DetectorParams(
             min_face_size=detector_params["min_face_size"],
             thresholds=tuple(detector_params["thresholds"]),
@@ -378,6 +383,22 @@ def _count_fetch_errors(images_rows: pa.Table, counter: Counter) -> None:
         counter[(error or "").replace(uri, "<uri>")] += 1
 
 
+REPLACED_SCHEMA = pa.schema([("image_id", pa.string()), ("pipeline_version", pa.string())])
+
+
+def stage_replaced_ids(plan, version: str, fs, location: storage.Location) -> None:
+    """Stream the ids of the planned objects that already have a row (changed, retry, or anything
+    but new under --full) to OUT/_staging/<run>/replaced.parquet, for tables.remove_superseded."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetWriter(location.fs_path(), REPLACED_SCHEMA, filesystem=fs) as writer:
+        for batch in plan.batches(rows=100_000):
+            ids = batch.column("image_id").filter(pc.not_equal(batch.column("change"), "new"))
+            if len(ids):
+                writer.write_batch(pa.RecordBatch.from_arrays(
+                    [ids, pa.array([version] * len(ids), pa.string())], schema=REPLACED_SCHEMA))
+
+
 def default_sizing(config: IndexConfig, resources: dict[str, float]) -> dict[str, Any]:
     """Pool and batch sizes from the cluster's resources, unless the config sets them."""
     cpus = max(1, int(resources.get("CPU", 1)))
@@ -447,6 +468,10 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
     endpoint = config.s3_endpoint_url()
     run_id = config.run_id or new_run_id()
 
+    # One writer per OUT: a second `index`, `compact` or `people` on it stops here (LeaseHeld, exit 2).
+    from .lease import Lease
+
+    lease = on_exit.enter_context(Lease(out, endpoint, holder=f"facebatch index run {run_id}"))
     recovered = tables.recover_staging(out, endpoint)
     for action in recovered:
         log.warning("previous run %s was interrupted: %s", action["run_id"], action["action"])
@@ -590,13 +615,19 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
         "recovered_runs": recovered,
     }
     fs = storage.arrow_filesystem(out, endpoint)
+    # What publishing must remove from older files: the rows this run replaces (never new objects,
+    # which no older file holds) and, with --prune, the ids of objects gone from SOURCE.
+    stage_replaced_ids(plan, version, fs, out.join("_staging", run_id, tables.REPLACED_FILE))
     if plan.deleted_ids_path:
-        # --prune: the ids of objects gone from SOURCE are removed when this run publishes.
         import pyarrow.parquet as pq
 
-        pq.write_table(pq.read_table(plan.deleted_ids_path), out.join("_staging", run_id, "prune.parquet").fs_path(), filesystem=fs)
+        with pq.ParquetWriter(out.join("_staging", run_id, tables.PRUNE_FILE).fs_path(),
+                              pa.schema([("image_id", pa.string())]), filesystem=fs) as prune:
+            for batch in pq.ParquetFile(plan.deleted_ids_path, pre_buffer=False).iter_batches(columns=["image_id"]):
+                prune.write_batch(batch)
     tables.fault_point("staged-before-record")
     tables.write_json(fs, out.join("_staging", run_id, "record.json"), record)
     tables.fault_point("staged-after-record")
+    lease.check()  # taken over while this run was cut off: the other writer's recovery publishes it
     tables.publish_run(out, run_id, record, endpoint, heartbeat=writer.heartbeat)
     return RunSummary(run_id=run_id, pipeline_version=version, out=config.out, record=record)

@@ -296,65 +296,169 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _superseded_mask(table: pa.Table, replaced: pa.Table, pruned: pa.Array | None) -> pa.Array:
-    """Rows of an older file that a run replaces (same image_id and pipeline version) or prunes."""
-    key = pc.binary_join_element_wise(table["image_id"], table["pipeline_version"], "\x1f")
-    replaced_key = pc.binary_join_element_wise(replaced["image_id"], replaced["pipeline_version"], "\x1f")
-    mask = pc.is_in(key, value_set=replaced_key)
-    if pruned is not None and len(pruned):
-        mask = pc.or_(mask, pc.is_in(table["image_id"], value_set=pruned))
-    return mask
+# What a run replaces, staged beside its files by the driver (image_id + pipeline_version of every
+# row it wrote for an object that already had one: changed, retried or --full; never new objects,
+# which no older file can hold). Without it (a run staged by an older facebatch), every staged
+# image id is looked for.
+REPLACED_FILE = "replaced.parquet"
+PRUNE_FILE = "prune.parquet"
 
 
-def remove_superseded(out: storage.Location, run_id: str, endpoint: str | None = None) -> int:
-    """Rewrite older published files without the rows this staged run replaces or prunes.
+def _read_ids(fs: pafs.FileSystem, location: storage.Location, columns: list[str]) -> pa.Table | None:
+    try:
+        return pq.read_table(location.fs_path(), columns=columns, filesystem=fs)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise storage.storage_error("read", location.uri(), exc) from exc
+
+
+def _sorted_unique(values: pa.Array) -> list[str]:
+    return sorted(set(values.to_pylist()))
+
+
+def _candidates(ids: list[str], lo: str | None, hi: str | None) -> bool:
+    """Does the sorted list `ids` hold a value in [lo, hi]? (None bounds: statistics missing.)"""
+    import bisect
+
+    if not ids:
+        return False
+    if lo is None or hi is None:
+        return True
+    i = bisect.bisect_left(ids, lo)
+    return i < len(ids) and ids[i] <= hi
+
+
+def rewritten_name(name: str, run_id: str) -> str:
+    """The new key of a file rewritten by run `run_id`: never the old key (see remove_superseded).
+    Names stay unique (the old name is unique in its folder, the run id among runs) and short."""
+    stem = name[: -len(".parquet")]
+    if len(stem) > 120:
+        import hashlib
+
+        stem = stem[:40] + "-" + hashlib.sha1(stem.encode()).hexdigest()[:12]
+    return f"{stem}-r{run_id}.parquet"
+
+
+@dataclass
+class SupersedeStats:
+    rows_removed: int = 0
+    files_rewritten: int = 0
+    files_deleted: int = 0
+    row_groups_probed: int = 0
+    row_groups_total: int = 0
+
+
+def remove_superseded(out: storage.Location, run_id: str, endpoint: str | None = None,
+                      stats: SupersedeStats | None = None) -> int:
+    """Remove from older published files the rows this staged run replaces or prunes.
 
     Runs before the run's own files are published, so a reader never sees two versions of an
-    image for one pipeline version (for a moment it may see neither). Each rewrite replaces one
-    file in one atomic step, and the whole step is idempotent, so a crash here is finished by
-    the next run's recovery. Returns the number of rows removed.
+    image for one pipeline version (for a moment it may see neither). Cost is what changed, not
+    what exists:
+    - only replaced ids (changed / retried / --full rows, staged in replaced.parquet) and pruned
+      ids are looked for, never new ones;
+    - a file is opened by its footer; only row groups whose image_id statistics [min, max] can hold
+      one of those ids are probed, reading the image_id and pipeline_version columns alone;
+    - only files where the probe finds rows are rewritten (whole: Parquet has no partial rewrite).
+    A rewritten file is written under a NEW name (`<old-stem>-r<run_id>.parquet`) and the old file is
+    deleted after it: a published object is never overwritten while readers may be scanning it.
+    Between the two steps (one DELETE) a reader may see both files, i.e. the kept rows twice; a
+    crash there leaves both until the next run's recovery republishes this run, which rewrites the
+    old file again to the same new name (same content) and deletes it. The whole step is
+    idempotent. Returns the number of rows removed.
     """
     fs = storage.arrow_filesystem(out, endpoint)
-    staged_images = staging_location(out, run_id, "images").fs_path()
-    try:
-        replaced = pq.read_table(staged_images, columns=["image_id", "pipeline_version", "status"], filesystem=fs)
-    except FileNotFoundError:
-        return 0  # already published: its supersede step ran before
-    except OSError as exc:  # any other failure aborts the publish; the next run finishes it
-        raise storage.storage_error("read", staging_location(out, run_id, "images").uri(), exc) from exc
-    pruned = None
-    try:
-        pruned = pq.read_table(out.join("_staging", run_id, "prune.parquet").fs_path(), filesystem=fs)["image_id"].combine_chunks()
-    except FileNotFoundError:
-        pass
-    if replaced.num_rows == 0 and (pruned is None or len(pruned) == 0):
+    stats = stats if stats is not None else SupersedeStats()
+    staged_images = staging_location(out, run_id, "images")
+    replaced = _read_ids(fs, out.join("_staging", run_id, REPLACED_FILE), ["image_id", "pipeline_version"])
+    if replaced is None:
+        replaced = _read_ids(fs, staged_images, ["image_id", "pipeline_version"])
+        if replaced is None:
+            return 0  # already published: its supersede step ran before
+    elif _num_rows(fs, staged_images) is None:
+        return 0  # already published
+    pruned_table = _read_ids(fs, out.join("_staging", run_id, PRUNE_FILE), ["image_id"])
+    pruned = _sorted_unique(pruned_table["image_id"]) if pruned_table is not None else []
+    replaced_keys = set(zip(replaced["image_id"].to_pylist(), replaced["pipeline_version"].to_pylist()))
+    replaced_ids = sorted({i for i, _ in replaced_keys})
+    del replaced
+    if not replaced_ids and not pruned:
         return 0
-    lo = min(x for x in [pc.min(replaced["image_id"]).as_py(), pc.min(pruned).as_py() if pruned is not None and len(pruned) else None] if x is not None)
-    hi = max(x for x in [pc.max(replaced["image_id"]).as_py(), pc.max(pruned).as_py() if pruned is not None and len(pruned) else None] if x is not None)
-    removed = 0
     for name in ("images", "faces"):
         for path in list_table_files(out, name, endpoint):
-            if path.rsplit("/", 1)[1] == f"{run_id}.parquet":
+            base = path.rsplit("/", 1)[1]
+            if base == f"{run_id}.parquet":
                 continue
-            meta = pq.ParquetFile(path, filesystem=fs).metadata
-            stats = [meta.row_group(i).column(0).statistics for i in range(meta.num_row_groups)]
-            # Sorted files: skip those whose image_id range misses the run's range entirely.
-            if stats and all(st is not None and st.has_min_max and (st.max < lo or st.min > hi) for st in stats):
-                continue
-            table = pq.read_table(path, filesystem=fs)
-            mask = _superseded_mask(table, replaced, pruned)
-            n = pc.sum(mask).as_py() or 0
-            if not n:
-                continue
-            kept = table.filter(pc.invert(mask))
-            removed += n
-            if kept.num_rows == 0:
-                delete_file(fs, path, _uri_of(out, path))
-                continue
-            tmp = out.join("_staging", run_id, f"rewrite-{name}-{path.rsplit('/', 1)[1]}")
-            pq.write_table(kept, tmp.fs_path(), filesystem=fs, compression="zstd", row_group_size=meta.row_group(0).num_rows if meta.num_row_groups else None)
-            dst = storage.Location(out.scheme, out.bucket, path.split("/", 1)[1] if out.is_s3 else path)
-            _move(out, tmp, dst, endpoint)
+            stats.rows_removed += _supersede_file(fs, out, run_id, name, path, replaced_ids, replaced_keys, pruned, stats)
+    return stats.rows_removed
+
+
+def _supersede_file(fs: pafs.FileSystem, out: storage.Location, run_id: str, name: str, path: str,
+                    replaced_ids: list[str], replaced_keys: set, pruned: list[str], stats: SupersedeStats) -> int:
+    uri = _uri_of(out, path)
+    try:
+        parquet = pq.ParquetFile(path, filesystem=fs)
+    except FileNotFoundError:
+        return 0  # deleted meanwhile by an earlier attempt of this step
+    except OSError as exc:
+        raise storage.storage_error("read footer of", uri, exc) from exc
+    meta = parquet.metadata
+    id_col = parquet.schema_arrow.get_field_index("image_id")
+    stats.row_groups_total += meta.num_row_groups
+    probe = []
+    for i in range(meta.num_row_groups):
+        st = meta.row_group(i).column(id_col).statistics
+        lo, hi = (st.min, st.max) if st is not None and st.has_min_max else (None, None)
+        if _candidates(replaced_ids, lo, hi) or _candidates(pruned, lo, hi):
+            probe.append(i)
+    if not probe:
+        return 0
+    stats.row_groups_probed += len(probe)
+    pruned_set = set(pruned)
+
+    def mask_of(ids: list, versions: list) -> list[bool]:
+        return [(i, v) in replaced_keys or i in pruned_set for i, v in zip(ids, versions)]
+
+    try:
+        hits = {}
+        for i in probe:
+            keys = parquet.read_row_group(i, columns=["image_id", "pipeline_version"])
+            mask = mask_of(keys["image_id"].to_pylist(), keys["pipeline_version"].to_pylist())
+            if any(mask):
+                hits[i] = pa.array(mask, pa.bool_())
+        if not hits:
+            return 0
+        removed = sum(pc.sum(m).as_py() for m in hits.values())
+        kept_rows = meta.num_rows - removed
+        if kept_rows == 0:
+            delete_file(fs, path, uri)
+            stats.files_deleted += 1
+            return removed
+        folder, base = path.rsplit("/", 1)
+        new_base = rewritten_name(base, run_id)
+        if out.is_s3:
+            # An S3 object (multipart upload) appears whole on completion, so the new key is written directly.
+            target = f"{folder}/{new_base}"
+        else:
+            target = out.join("_staging", run_id, f"rewrite-{name}-{new_base}").fs_path()
+            ensure_parent_dir(fs, out, target)
+        row_group_rows = meta.row_group(0).num_rows
+        with pq.ParquetWriter(target, parquet.schema_arrow, filesystem=fs, compression="zstd",
+                              write_statistics=True) as writer:
+            # One row group at a time: memory is one row group, whatever the file's size.
+            for i in range(meta.num_row_groups):
+                group = parquet.read_row_group(i)
+                if i in hits:
+                    group = group.filter(pc.invert(hits[i]))
+                if group.num_rows:
+                    writer.write_table(group, row_group_size=row_group_rows)
+    except OSError as exc:
+        raise storage.storage_error(f"rewrite ({name} without superseded rows)", uri, exc) from exc
+    if not out.is_s3:
+        os.replace(target, f"{folder}/{new_base}")  # atomic rename within one filesystem
+    stats.files_rewritten += 1
+    delete_file(fs, path, uri)
     return removed
 
 
@@ -365,7 +469,11 @@ def publish_run(out: storage.Location, run_id: str, record: dict[str, Any], endp
     The run's heartbeat (when given) keeps beating while it publishes, so that no other run takes
     a slow publish for an abandoned one; it stops just before the staging folder is deleted."""
     fs = storage.arrow_filesystem(out, endpoint)
-    record = dict(record, superseded_rows_removed=remove_superseded(out, run_id, endpoint))
+    supersede = SupersedeStats()
+    remove_superseded(out, run_id, endpoint, supersede)
+    record = dict(record, superseded_rows_removed=supersede.rows_removed,
+                  superseded_files_rewritten=supersede.files_rewritten,
+                  superseded_row_groups_probed=supersede.row_groups_probed)
     fault_point("publish-after-supersede")
     for name in ("faces", "images"):
         staged = staging_location(out, run_id, name)

@@ -13,6 +13,26 @@ import logging
 import sys
 
 
+def check_environment(prog: str) -> str | None:
+    """None when facebatch and its main dependencies import in this Python; else what to do.
+
+    `ray job submit -- python jobs/...` runs the entrypoint with the `python` of the Ray head's
+    environment (its PATH), not the submitter's: a head started outside facebatch's environment
+    (e.g. `.venv/bin/ray start --head` without activating the venv) has no pyarrow or torch."""
+    for module in ("pyarrow", "torch", "facebatch"):
+        try:
+            __import__(module)
+        except ImportError as exc:
+            return (
+                f"{prog}: this Python ({sys.executable}) cannot import {module!r} ({exc}). The job's entrypoint runs "
+                "with the Python of the Ray head's environment, not the submitter's: start the Ray head from the "
+                "environment where facebatch is installed (activate it first, e.g. `source .venv/bin/activate && "
+                "ray start --head`), or name that environment's python in the entrypoint "
+                "(`-- /path/to/.venv/bin/python jobs/...`)."
+            )
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The entrypoint's argument parser (the options of `facebatch index`); light to import, no torch or Ray."""
     from facebatch.cli import add_index_options
@@ -23,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    problem = check_environment("index_archive.py")
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     from facebatch.cli import config_from_args, format_summary
     from facebatch.config import ConfigError
     from facebatch.pipeline import RunFailed, run_index

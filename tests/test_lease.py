@@ -1,0 +1,96 @@
+"""One writer per OUT: the lease on local disk and on S3 (moto_server, conditional PUTs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from facebatch import lease as lease_mod
+from facebatch.lease import Lease, LeaseHeld, LeaseLost
+
+
+def _outs(tmp_path, s3_server):
+    client = s3_server.client()
+    bucket = "lease-" + uuid.uuid4().hex[:8]
+    client.create_bucket(Bucket=bucket)
+    return [str(tmp_path / "out"), f"s3://{bucket}/index"]
+
+
+def _write_lease(out: str, s3_server, payload: dict) -> None:
+    if out.startswith("s3://"):
+        bucket, prefix = out[5:].split("/", 1)
+        s3_server.client().put_object(Bucket=bucket, Key=f"{prefix}/_lease.json", Body=json.dumps(payload).encode())
+    else:
+        import os
+
+        os.makedirs(out, exist_ok=True)
+        with open(f"{out}/_lease.json", "w") as fh:
+            json.dump(payload, fh)
+
+
+def test_second_writer_is_refused_then_admitted_after_release(tmp_path, s3_server):
+    for out in _outs(tmp_path, s3_server):
+        with Lease(out, holder="facebatch index run r1") as first:
+            with pytest.raises(LeaseHeld, match=r"being written by another facebatch job: facebatch index run r1 on host .* since \d{4}-"):
+                Lease(out, holder="facebatch compact c1").acquire()
+            first.check()
+        with Lease(out, holder="facebatch compact c1") as second:
+            assert second.took_over is None
+
+
+def test_stale_leases_are_taken_over(tmp_path, s3_server):
+    for out in _outs(tmp_path, s3_server):
+        # Expired, on another machine.
+        _write_lease(out, s3_server, {"holder": "old", "host": "elsewhere", "pid": 1, "token": "t",
+                                      "since": time.time() - 900, "expires": time.time() - 1})
+        with Lease(out, holder="new") as taken:
+            assert taken.took_over["holder"] == "old"
+        # Not expired, on another machine: held.
+        _write_lease(out, s3_server, {"holder": "live", "host": "elsewhere", "pid": 1, "token": "t",
+                                      "since": time.time(), "expires": time.time() + 300})
+        with pytest.raises(LeaseHeld, match="live on host elsewhere"):
+            Lease(out, holder="new").acquire()
+        # Not expired, but its process on this machine is dead (a SIGKILLed driver).
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        import socket
+
+        _write_lease(out, s3_server, {"holder": "killed", "host": socket.gethostname(), "pid": dead.pid, "token": "t",
+                                      "since": time.time(), "expires": time.time() + 300})
+        with Lease(out, holder="new") as taken:
+            assert taken.took_over["holder"] == "killed"
+
+
+def test_renewal_and_losing_the_lease(tmp_path, s3_server):
+    for out in _outs(tmp_path, s3_server):
+        held = Lease(out, holder="slow", ttl=60, renew_every=0.2).acquire()
+        time.sleep(0.6)
+        held.check()  # renewed meanwhile
+        # Someone takes it over (as if it had expired): the holder learns it at its next renewal.
+        _write_lease(out, s3_server, {"holder": "thief", "host": "elsewhere", "pid": 1, "token": "x",
+                                      "since": time.time(), "expires": time.time() + 300})
+        time.sleep(0.8)
+        with pytest.raises(LeaseLost, match="thief"):
+            held.check()
+        held.release()  # never deletes the other writer's lease
+        with pytest.raises(LeaseHeld, match="thief"):
+            Lease(out, holder="third").acquire()
+
+
+def test_index_and_compact_exit_2_while_another_writer_holds_out(tmp_path, capsys):
+    from facebatch.cli import main
+
+    out = tmp_path / "out"
+    (out / "_runs").mkdir(parents=True)
+    (out / "_runs" / "r.json").write_text("{}")
+    (tmp_path / "src").mkdir()
+    with Lease(str(out), holder="facebatch index run other"):
+        for argv in (["index", str(tmp_path / "src"), "--out", str(out)], ["compact", str(out)]):
+            assert main(argv) == 2
+            assert "being written by another facebatch job: facebatch index run other" in capsys.readouterr().err
+    assert lease_mod._ACTIVE_TOKENS == set()

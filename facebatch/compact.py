@@ -113,12 +113,40 @@ def _compact(out: storage.Location, fs: pafs.FileSystem, compaction_id: str, tar
     journal: dict[str, list] = {"add": [], "remove": []}
     report: dict[str, Any] = {"compaction_id": compaction_id, "tables": {}}
     t0 = time.perf_counter()
-    for name, schema in tables.TABLES.items():
-        files = tables.list_table_files(out, name, endpoint)
-        if len(files) <= 1:
-            report["tables"][name] = {"files_before": len(files), "files_after": len(files), "rows": None, "skipped": True}
-            continue
-        con = duckdb.connect()
+    try:
+        for name, schema in tables.TABLES.items():
+            try:
+                _merge_table(out, fs, name, schema, compaction_id, target_rows, row_group_size, journal, report, endpoint)
+            except (OSError, duckdb.Error) as exc:
+                # A failed read or write of a table file: nothing was swapped yet; the staging folder
+                # (no journal) is discarded by the next run.
+                raise storage.StorageError(f"compaction {compaction_id}: merging {name} failed: {exc}") from exc
+        if journal["add"] or journal["remove"]:
+            lease.check()
+            tables.write_json(fs, out.join("_staging", compaction_id, "compact.json"), journal)
+            # On success this removes the staging folder; on failure the journal stays for recovery.
+            finish_compaction(out, compaction_id, endpoint, heartbeat)
+        else:
+            heartbeat.stop()
+            tables._delete_tree(fs, out.join("_staging", compaction_id))
+    except OSError as exc:  # the journal's PUT, or a HEAD while checking the merged files
+        raise storage.StorageError(f"compaction {compaction_id}: {exc}") from exc
+    finally:
+        # Whatever failed, nothing keeps beating for a compaction that is over.
+        heartbeat.stop()
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    return report
+
+
+def _merge_table(out: storage.Location, fs: pafs.FileSystem, name: str, schema, compaction_id: str, target_rows: int,
+                 row_group_size: int, journal: dict[str, list], report: dict[str, Any], endpoint: str | None) -> None:
+    """Write one table's rows, sorted, as staged part files; add them (and the files they replace) to the journal."""
+    files = tables.list_table_files(out, name, endpoint)
+    if len(files) <= 1:
+        report["tables"][name] = {"files_before": len(files), "files_after": len(files), "rows": None, "skipped": True}
+        return
+    con = duckdb.connect()
+    try:
         con.execute("SET preserve_insertion_order=true")
         con.register("source_rows", pads.dataset(files, schema=schema, filesystem=fs, format="parquet"))
         reader = con.execute(f"SELECT * FROM source_rows ORDER BY {SORT_KEYS[name]}").to_arrow_reader(row_group_size)
@@ -140,19 +168,7 @@ def _compact(out: storage.Location, fs: pafs.FileSystem, compaction_id: str, tar
             total += batch.num_rows
         if writer is not None:
             writer.close()
-        con.close()
-        journal["remove"].extend(files)
-        report["tables"][name] = {"files_before": len(files), "files_after": part, "rows": total}
-    try:
-        if journal["add"] or journal["remove"]:
-            lease.check()
-            tables.write_json(fs, out.join("_staging", compaction_id, "compact.json"), journal)
-            # On success this removes the staging folder; on failure the journal stays for recovery.
-            finish_compaction(out, compaction_id, endpoint, heartbeat)
-        else:
-            heartbeat.stop()
-            tables._delete_tree(fs, out.join("_staging", compaction_id))
     finally:
-        heartbeat.stop()
-    report["seconds"] = round(time.perf_counter() - t0, 3)
-    return report
+        con.close()
+    journal["remove"].extend(files)
+    report["tables"][name] = {"files_before": len(files), "files_after": part, "rows": total}

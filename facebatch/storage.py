@@ -38,9 +38,20 @@ from .config import ConfigError  # noqa: E402
 DEFAULT_S3_MAX_ATTEMPTS = 10
 
 
+# boto3 (listings, fetches, HEAD/COPY/DELETE of a publish) makes 4 attempts per request with
+# adaptive backoff; fetches retry on top of that (`fetch_bytes`), so a photo that keeps failing
+# does not hold a fetch thread for minutes.
+DEFAULT_BOTO_MAX_ATTEMPTS = 4
+
+
 def s3_max_attempts() -> int:
     """FACEBATCH_S3_MAX_ATTEMPTS overrides the default (tests of lasting failures use fewer)."""
     return int(os.environ.get("FACEBATCH_S3_MAX_ATTEMPTS") or DEFAULT_S3_MAX_ATTEMPTS)
+
+
+def boto_max_attempts() -> int:
+    """FACEBATCH_S3_MAX_ATTEMPTS, when set, applies to boto3's clients too."""
+    return int(os.environ.get("FACEBATCH_S3_MAX_ATTEMPTS") or DEFAULT_BOTO_MAX_ATTEMPTS)
 
 
 class StorageError(Exception):
@@ -106,7 +117,8 @@ _clients_lock = threading.Lock()
 def s3_client(endpoint: str | None = None):
     """A cached boto3 S3 client per (process, endpoint), with adaptive retries for throttling."""
     endpoint = endpoint_url(endpoint)
-    key = (os.getpid(), endpoint)
+    attempts = boto_max_attempts()
+    key = (os.getpid(), endpoint, attempts)
     client = _clients.get(key)
     if client is not None:
         return client
@@ -117,7 +129,7 @@ def s3_client(endpoint: str | None = None):
             from botocore.config import Config
 
             config = Config(
-                retries={"max_attempts": 4, "mode": "adaptive"},
+                retries={"max_attempts": attempts, "mode": "adaptive"},
                 max_pool_connections=32,
                 connect_timeout=10,
                 read_timeout=60,

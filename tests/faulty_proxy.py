@@ -3,18 +3,25 @@
 Requests for keys containing a `flaky` marker fail with 503 SlowDown the first N times; keys
 containing a `broken` marker always fail with 500 InternalError. Further faults are injected per
 S3 operation with `inject(op, key_contains, status, times)`: e.g. 403 AccessDenied to every object
-GET, or 503 to the one DELETE of a compaction's old file. Everything else is forwarded byte for
-byte, so boto3 and pyarrow talk S3 to it exactly as to AWS.
+GET, or 503 to the one DELETE of a compaction's old file; `inject(..., pattern=regex, skip=n)`
+fails exactly the (n+1)-th request whose key matches (the fault matrix picks one request of a
+recorded run this way). `throttle(every=4)` answers 503 SlowDown to every 4th request of any kind.
+Everything else is forwarded byte for byte, so boto3, pyarrow and DuckDB talk S3 to it exactly as
+to AWS.
+
+Keys as the proxy reports and matches them: "/bucket/key" for object requests, "/bucket/<prefix>"
+for a LIST (its prefix parameter), and the space-separated keys of a batch delete.
 """
 
 from __future__ import annotations
 
 import http.client
+import re
 import threading
 from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 SLOW_DOWN = b"""<?xml version="1.0" encoding="UTF-8"?>
 <Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"""
@@ -58,10 +65,20 @@ class Fault:
     status: int  # 403, 500, 503, or DROP
     times: int | None  # None = every matching request
     served: int = 0
+    pattern: "re.Pattern[str] | None" = None  # when set: the whole key must match it
+    skip: int = 0  # let this many matching requests through before failing
+    seen: int = 0
 
     def matches(self, op: str, key_path: str) -> bool:
-        return (self.op in ("*", op) and self.key_contains in key_path
-                and (self.times is None or self.served < self.times))
+        """Called once per request (under the proxy's lock): counts the matches it lets through."""
+        if self.op not in ("*", op) or self.key_contains not in key_path:
+            return False
+        if self.pattern is not None and not self.pattern.fullmatch(key_path):
+            return False
+        self.seen += 1
+        if self.seen <= self.skip:
+            return False
+        return self.times is None or self.served < self.times
 
 
 class FaultyS3Proxy:
@@ -72,6 +89,9 @@ class FaultyS3Proxy:
         self.requests: Counter[str] = Counter()
         self.operations: list[tuple[str, str]] = []  # (operation, /bucket/key) of every request, in order
         self.faults: list[Fault] = []
+        self.throttle_every = 0  # answer 503 SlowDown to every n-th request (0 = off)
+        self.throttled = 0
+        self._count = 0
         self._lock = threading.Lock()
         proxy = self
 
@@ -87,14 +107,21 @@ class FaultyS3Proxy:
                 path = self.path
                 op = s3_operation(self.command, path, self.headers)
                 key_path = unquote(path.partition("?")[0])
+                if op == "LIST":
+                    prefix = parse_qs(path.partition("?")[2]).get("prefix", [""])[0]
+                    key_path = key_path.rstrip("/") + "/" + prefix
                 if op == "DELETE" and self.command == "POST":
                     # A batch delete matches a fault when any of its keys does.
                     key_path = " ".join(f"{key_path.rstrip('/')}/{k}" for k in batch_delete_keys(body)) or key_path
                 with proxy._lock:
                     proxy.requests[path] += 1
                     proxy.operations.append((op, key_path))
+                    proxy._count += 1
                     fail = None
-                    if op == "GET" and proxy.broken_marker in path:
+                    if proxy.throttle_every and proxy._count % proxy.throttle_every == 0:
+                        fail = 503
+                        proxy.throttled += 1
+                    elif op == "GET" and proxy.broken_marker in path:
                         fail = 500
                     elif op == "GET" and proxy.flaky_marker in path and proxy.failures_served[path] < proxy.flaky_failures:
                         fail = 503
@@ -143,18 +170,28 @@ class FaultyS3Proxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def inject(self, op: str, key_contains: str = "", status: int = 503, times: int | None = None) -> Fault:
-        """Answer `status` (or drop the connection) to matching requests; `times=None`: every one."""
+    def inject(self, op: str, key_contains: str = "", status: int = 503, times: int | None = None,
+               pattern: str | None = None, skip: int = 0) -> Fault:
+        """Answer `status` (or drop the connection) to matching requests; `times=None`: every one.
+        `pattern`: a regex the whole key must match; `skip`: matching requests let through first."""
         if op != "*" and op not in OPERATIONS:
             raise ValueError(f"unknown S3 operation {op!r}: one of {OPERATIONS} or '*'")
-        fault = Fault(op, key_contains, status, times)
+        if status not in (DROP, *ERROR_BODIES):
+            raise ValueError(f"unknown fault status {status!r}: one of {sorted(ERROR_BODIES)} or DROP")
+        fault = Fault(op, key_contains, status, times, pattern=re.compile(pattern) if pattern else None, skip=skip)
         with self._lock:
             self.faults.append(fault)
         return fault
 
+    def throttle(self, every: int) -> None:
+        """Answer 503 SlowDown to every `every`-th request, of any kind (0 turns it off)."""
+        with self._lock:
+            self.throttle_every, self._count = every, 0
+
     def clear_faults(self) -> None:
         with self._lock:
             self.faults.clear()
+            self.throttle_every = 0
 
     def stop(self) -> None:
         self.server.shutdown()

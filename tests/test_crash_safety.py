@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 CRASH_POINTS = ["write-after-first-batch", "staged-before-record", "staged-after-record", "publish-after-faces"]
 
 
-def index(source: Path, out: Path, extra_env: dict[str, str] | None = None, *extra_args: str) -> subprocess.CompletedProcess:
+def index(source: Path, out: Path | str, extra_env: dict[str, str] | None = None, *extra_args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
@@ -29,18 +29,55 @@ def index(source: Path, out: Path, extra_env: dict[str, str] | None = None, *ext
     )
 
 
-def visible(out: Path) -> tuple[list, list]:
-    """What a reader globbing OUT/<table>/*.parquet sees right now."""
+COLUMNS = (("images", "image_id, etag, status, num_faces, width, height"),
+           ("faces", "image_id, face_index, round(box[1], 1), round(box[2], 1), round(score, 4)"))
+
+
+def visible(out: Path | str) -> tuple[list, list]:
+    """What a reader globbing OUT/<table>/*.parquet sees right now (a local folder or s3://)."""
+    if isinstance(out, str):
+        return visible_s3(out)
     con = duckdb.connect()
     result = []
-    for name, cols in (("images", "image_id, etag, status, num_faces, width, height"),
-                       ("faces", "image_id, face_index, round(box[1], 1), round(box[2], 1), round(score, 4)")):
+    for name, cols in COLUMNS:
         files = list((out / name).glob("*.parquet")) if (out / name).is_dir() else []
         if not files:
             result.append([])
             continue
         result.append(con.sql(f"SELECT {cols} FROM read_parquet('{out}/{name}/*.parquet') ORDER BY ALL").fetchall())
     return result[0], result[1]
+
+
+def visible_s3(out: str) -> tuple[list, list]:
+    from facebatch import storage, tables
+    from facebatch.query import configure_s3
+
+    con = duckdb.connect()
+    configure_s3(con)
+    location = storage.parse_location(out)
+    result = []
+    for name, cols in COLUMNS:
+        if not tables.list_table_files(location, name):
+            result.append([])
+            continue
+        result.append(con.sql(f"SELECT {cols} FROM read_parquet('{tables.table_glob(location, name)}') ORDER BY ALL").fetchall())
+    return result[0], result[1]
+
+
+def staged_leftovers(out: Path | str) -> list[str]:
+    if isinstance(out, str):
+        from facebatch import storage
+
+        location = storage.parse_location(out)
+        return [o.uri for o in storage.list_objects(location.join("_staging"))]
+    return [str(p) for p in (out / "_staging").iterdir()] if (out / "_staging").exists() else []
+
+
+@pytest.fixture(scope="module")
+def s3_out(s3_server):
+    """A bucket on the loopback S3 server for OUT (the sources stay local)."""
+    s3_server.client().create_bucket(Bucket="crash-out")
+    return "s3://crash-out"
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +94,22 @@ def archive_and_baseline(tmp_path_factory):
     return root / "archive", images, faces
 
 
+S3_CRASH_POINTS = ["staged-after-record", "publish-after-faces"]
+
+
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_driver_killed_then_rerun_matches_uninterrupted_run(archive_and_baseline, tmp_path, point):
+    _killed_then_rerun(archive_and_baseline, tmp_path / "out", point)
+
+
+@pytest.mark.parametrize("point", S3_CRASH_POINTS)
+def test_driver_killed_then_rerun_on_s3(archive_and_baseline, s3_out, point):
+    """The same on S3 (moto_server): publishing is server-side copies, not renames."""
+    _killed_then_rerun(archive_and_baseline, f"{s3_out}/{point}", point)
+
+
+def _killed_then_rerun(archive_and_baseline, out, point):
     source, images, faces = archive_and_baseline
-    out = tmp_path / "out"
     crashed = index(source, out, {"FACEBATCH_FAULT_POINT": point})
     assert crashed.returncode == -9, (crashed.returncode, crashed.stderr[-3000:])
     seen_images, seen_faces = visible(out)
@@ -70,7 +119,7 @@ def test_driver_killed_then_rerun_matches_uninterrupted_run(archive_and_baseline
     rerun = index(source, out)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     assert visible(out) == (images, faces)
-    assert not any((out / "_staging").iterdir()) if (out / "_staging").exists() else True
+    assert staged_leftovers(out) == []
     # Exactly one published run record per published run; a rerun after a complete crash is quiet.
     again = index(source, out)
     assert again.returncode == 0 and "processed 0 images" in again.stdout
@@ -92,28 +141,43 @@ def test_killed_actor_and_read_task_lose_nothing(archive_and_baseline, tmp_path)
 @pytest.mark.parametrize("point", ["publish-after-supersede", "publish-after-faces"])
 def test_crash_while_publishing_a_changed_object(archive_and_baseline, tmp_path, point):
     """A nightly rerun replaces a changed photo's rows; a crash mid-publish never shows two versions."""
+    _crash_while_publishing_a_changed_object(archive_and_baseline, tmp_path, tmp_path / "out", point)
+
+
+def test_crash_while_publishing_a_changed_object_on_s3(archive_and_baseline, tmp_path, s3_out):
+    """The supersede step on S3 rewrites published objects (server-side copies over them)."""
+    _crash_while_publishing_a_changed_object(archive_and_baseline, tmp_path, f"{s3_out}/changed", "publish-after-supersede")
+
+
+def _crash_while_publishing_a_changed_object(archive_and_baseline, tmp_path, out, point):
     import shutil
 
     source, images, faces = archive_and_baseline
     archive = tmp_path / "archive"
     shutil.copytree(source, archive)
-    first = index(archive, tmp_path / "out")
+    first = index(archive, out)
     assert first.returncode == 0, first.stderr[-3000:]
+    if isinstance(out, str):
+        # The uninterrupted run to compare with, on local disk (same rows: image ids are the sources' paths).
+        local = index(archive, tmp_path / "expected")
+        assert local.returncode == 0, local.stderr[-3000:]
     # The coffee photo is replaced by a portrait: new bytes, new etag, now with a face.
     changed = archive / "scenery" / "coffee.jpg"
     changed.write_bytes((archive / "portraits" / "astronaut.jpg").read_bytes())
-    shutil.copytree(tmp_path / "out", tmp_path / "expected")
+    if not isinstance(out, str):
+        shutil.copytree(out, tmp_path / "expected")
     expected_run = index(archive, tmp_path / "expected")
     assert expected_run.returncode == 0 and "changed 1" in expected_run.stdout, expected_run.stdout
     expected = visible(tmp_path / "expected")
 
-    crashed = index(archive, tmp_path / "out", {"FACEBATCH_FAULT_POINT": point})
+    crashed = index(archive, out, {"FACEBATCH_FAULT_POINT": point})
     assert crashed.returncode == -9
-    seen_images, seen_faces = visible(tmp_path / "out")
+    seen_images, seen_faces = visible(out)
     ids = [r[0] for r in seen_images]
     assert len(ids) == len(set(ids))  # never two versions of one image
     assert len({(r[0], r[1]) for r in seen_faces}) == len(seen_faces)
-    rerun = index(archive, tmp_path / "out")
+    rerun = index(archive, out)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert visible(tmp_path / "out") == expected
+    assert visible(out) == expected
+    assert staged_leftovers(out) == []
     assert any(r[0] == str(changed) for r in expected[1])  # the new version's face is there

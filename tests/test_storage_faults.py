@@ -122,3 +122,71 @@ def test_index_where_every_get_is_denied_fails_and_publishes_nothing(proxy, tmp_
     assert not (out / "images").exists() and not (out / "_runs").exists()
     assert not (out / "_staging" / "denied-run").exists()
     assert not list(spill.glob("facebatch-plan-*"))
+
+
+@pytest.mark.slow
+def test_throttling_everywhere_ends_with_the_tables_of_a_clean_run(s3_server, tmp_path):
+    """1 in 4 S3 requests of every kind (GET, HEAD, PUT, multipart, COPY, DELETE, LIST) answers 503
+    SlowDown, for the fetches, the staged writes, the publish, the rerun's planning, a compaction and
+    DuckDB's reads: every client retries, and the tables equal a clean run's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from facebatch.compact import compact
+    from facebatch.demo import build_demo_archive
+    from facebatch.query import connect
+
+    names = build_demo_archive(tmp_path / "demo")
+    # Its own proxy: the demo archive has a folder named "broken", which the fixture's proxy fails for good.
+    proxy = FaultyS3Proxy(s3_server.endpoint, flaky_marker="\0", broken_marker="\0")
+    client = s3_server.client()
+    client.create_bucket(Bucket="throttled")
+    for path in sorted((tmp_path / "demo" / "archive").rglob("*")):
+        if path.is_file():
+            client.put_object(Bucket="throttled", Key="photos/" + path.relative_to(tmp_path / "demo" / "archive").as_posix(),
+                              Body=path.read_bytes())
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("FACEBATCH_S3_MAX_ATTEMPTS", None)  # the defaults are what is tested
+
+    def index(out: str, endpoint: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "facebatch.cli", "index", "s3://throttled/photos", "--out", out, "--s3-endpoint", endpoint,
+             "--max-side", "1024", "--batch-size", "4", "--object-store-memory", str(200 * 2**20)],
+            cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=600,
+        )
+
+    def tables_of(out: str, endpoint: str) -> dict:
+        con = connect(out, endpoint)
+        try:
+            return {
+                "images": con.sql("SELECT image_id, etag, status, error, num_faces, width, height FROM images ORDER BY ALL").fetchall(),
+                "faces": con.sql("SELECT image_id, face_index, box, score, embedding FROM faces ORDER BY ALL").fetchall(),
+            }
+        finally:
+            con.close()
+
+    clean = index("s3://throttled/clean", s3_server.endpoint)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    expected = tables_of("s3://throttled/clean", s3_server.endpoint)
+    assert len(expected["images"]) == len(names) and expected["faces"]
+
+    proxy.throttle(every=4)
+    try:
+        first = index("s3://throttled/slow", proxy.endpoint)
+        assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
+        again = index("s3://throttled/slow", proxy.endpoint)  # planning against the published tables
+        assert again.returncode == 0 and "processed 0 images" in again.stdout, again.stderr[-3000:]
+        assert tables_of("s3://throttled/slow", proxy.endpoint) == expected  # DuckDB's reads, throttled
+        compact("s3://throttled/slow", endpoint=proxy.endpoint)
+        assert tables_of("s3://throttled/slow", proxy.endpoint) == expected
+        throttled = proxy.throttled
+    finally:
+        proxy.clear_faults()
+        proxy.stop()
+    assert throttled > 50, throttled  # the faults really happened, to many requests
+    ops = {op for op, _ in proxy.operations}
+    assert {"GET", "HEAD", "PUT", "POST", "COPY", "DELETE", "LIST"} <= ops, ops
+    assert tables_of("s3://throttled/slow", s3_server.endpoint) == expected

@@ -1,0 +1,450 @@
+"""The storage fault matrix: the S3 requests that publish, recovery, compaction and the people
+job's publish make, failed one at a time, one kind at a time, through the fault-injecting proxy in
+front of the loopback S3 server (moto_server). No Ray, no detector: staged runs are written with
+`tables.RunWriter`, people generations with `people.stage_and_publish`.
+
+Scenarios (each from one starting state, copied server-side into a fresh OUT prefix per case):
+- publish: run-0 published (images a, b, c); run-1 staged (b changed, d new) -> `publish_run`.
+- recovery: the same, plus run-2 that died while writing (no READY) -> `recover_staging`
+  publishes run-1 and discards run-2.
+- compaction: three published runs -> `compact.compact` (merge, journal, `finish_compaction`).
+- people: generation people-1 committed -> `people.stage_and_publish` of people-2 (staged files,
+  journal, `finish_people_swap`: moves, the pointer, deleting people-1's files).
+
+A clean run of each scenario is recorded through the proxy: op (GET, HEAD, PUT, POST = multipart
+create/complete, COPY, DELETE incl. batch deletes, LIST) + key of every request, in order. A case
+fails exactly one of those requests (the n-th with that op and key; a compaction id in a key
+matches any id), with one kind:
+- lasting: 403 AccessDenied, 500 InternalError, 503 SlowDown or a dropped connection, to that
+  request and every later request with the same op and key (so the client's retries fail too).
+  The step either still succeeds or raises StorageError / OSError / RuntimeError.
+- passing: 503, 500 or a dropped connection, to that one request only. With
+  FACEBATCH_S3_MAX_ATTEMPTS=2 (one retry in pyarrow and boto3; our small JSON reads retry once
+  too) the step must *succeed* and end exactly like a clean run.
+
+After a lasting fault, what a reader sees through `facebatch.query.connect` (DuckDB; people
+through their pointer, index tables through the staged state of a half-done publish or
+compaction) is checked at once: all four tables (images, faces, people, face_people) are the old
+ones or all are the new ones: never a mix, never a duplicated row. Then the next clean run
+(recovery; `compact` again; the people run again) must end with the tables of an uninterrupted
+run and nothing left under _staging.
+
+Which cases run:
+- default (fits the ~4 minute budget on 2 cores): every *distinct* request (op + key; repeats such
+  as pyarrow's second HEAD of a file it opens are covered by their first occurrence; recovery's
+  own publish_run requests are the publish scenario's and are not repeated there), each failed
+  twice: once lasting, the kind taking turns through 403, 500, 503, dropped; once passing, the kind
+  taking turns through 503, 500, dropped. So every op meets every kind, and every distinct request
+  meets a lasting and a passing fault.
+- FAULT_MATRIX=full: every recorded request x 4 lasting kinds + 3 passing kinds.
+The summary printed at the end (pytest -s) gives the number of cases per scenario, op and kind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections import Counter
+from itertools import count
+
+import pyarrow as pa
+import pytest
+
+from facebatch import storage, tables
+from faulty_proxy import DROP, FaultyS3Proxy
+from test_tables_plan import _faces_rows, _images_rows
+
+BUCKET = "fault-matrix"
+VERSION = "v1-test"
+KIND_NAMES = {403: "403", 500: "500", 503: "503", DROP: "dropped"}
+COMPACTION_ID = re.compile(r"compact-\d{8}T\d{6}Z-[0-9a-f]{6}")
+_case_numbers = count()
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def env(s3_server):
+    """One proxy for the module; one S3 attempt retried once (pyarrow and boto3), our own small
+    JSON reads retried once too, so that a fault that lasts fails fast and one that does not is
+    survived."""
+    s3_server.client().create_bucket(Bucket=BUCKET)
+    proxy = FaultyS3Proxy(s3_server.endpoint)
+    saved = os.environ.get("FACEBATCH_S3_MAX_ATTEMPTS"), tables.READ_JSON_ATTEMPTS
+    os.environ["FACEBATCH_S3_MAX_ATTEMPTS"] = "2"
+    tables.READ_JSON_ATTEMPTS = 2
+    try:
+        yield proxy, s3_server
+    finally:
+        proxy.stop()
+        tables.READ_JSON_ATTEMPTS = saved[1]
+        if saved[0] is None:
+            os.environ.pop("FACEBATCH_S3_MAX_ATTEMPTS", None)
+        else:
+            os.environ["FACEBATCH_S3_MAX_ATTEMPTS"] = saved[0]
+
+
+def fresh_out(scenario: str) -> storage.Location:
+    return storage.parse_location(f"s3://{BUCKET}/{scenario}-{next(_case_numbers):05d}")
+
+
+def fresh_clients() -> None:
+    """boto3's adaptive retry mode slows a client down after throttling: each case starts afresh."""
+    storage._clients.clear()
+
+
+# --------------------------------------------------------------------------- building states (direct, not through the proxy)
+
+
+def stage_run(out, run_id, images, faces, ep, record=True):
+    """A run that wrote all its rows (READY, and its record unless record=False) and was not published."""
+    writer = tables.RunWriter(out, run_id, ep)
+    if faces:
+        writer.write("faces", _faces_table(faces, run_id))
+    writer.write("images", _images_rows([i for i, _ in images], [e for _, e in images], ["ok"] * len(images), VERSION, run_id))
+    writer.close()
+    writer.heartbeat.stop()
+    if record:
+        tables.write_json(writer.fs, out.join("_staging", run_id, "record.json"), {"run_id": run_id})
+
+
+def _faces_table(faces, run_id):
+    """faces: [(image_id, number of faces)] -> rows with face_index 0..n-1 and a score that tells runs apart."""
+    ids = [i for i, n in faces for _ in range(n)]
+    table = _faces_rows(ids, VERSION, run_id)
+    index = [k for _, n in faces for k in range(n)]
+    score = [0.9 if run_id.endswith("0") else 0.95] * len(ids)
+    return table.set_column(1, "face_index", pa.array(index, pa.int32())).set_column(3, "score", pa.array(score, pa.float32()))
+
+
+def publish_run(out, run_id, images, faces, ep):
+    stage_run(out, run_id, images, faces, ep)
+    tables.publish_run(out, run_id, {"run_id": run_id}, ep)
+
+
+RUN0_IMAGES = [("a", "e0"), ("b", "e0"), ("c", "e0")]
+RUN0_FACES = [("a", 2), ("b", 1), ("c", 1)]
+# run-1 replaces b (changed: one face more) and adds d.
+RUN1_IMAGES = [("b", "e1"), ("d", "e1")]
+RUN1_FACES = [("b", 2), ("d", 1)]
+
+
+def setup_publish(out, ep):
+    publish_run(out, "run-0", RUN0_IMAGES, RUN0_FACES, ep)
+    stage_run(out, "run-1", RUN1_IMAGES, RUN1_FACES, ep)
+
+
+def act_publish(out, ep):
+    tables.publish_run(out, "run-1", {"run_id": "run-1"}, ep)
+
+
+def setup_recovery(out, ep):
+    """run-1 finished writing and its driver died; run-2 died while writing (no READY): recovery
+    publishes the first and discards the second."""
+    setup_publish(out, ep)
+    fs = storage.arrow_filesystem(out, ep)
+    tables.write_json(fs, out.join("_staging", "run-2", "HEARTBEAT"), {"host": "gone", "pid": 1, "time": 0})
+    with fs.open_output_stream(out.join("_staging", "run-2", "images.parquet").fs_path()) as fh:
+        fh.write(b"partial")
+
+
+def act_recovery(out, ep):
+    tables.recover_staging(out, ep)
+
+
+def setup_compaction(out, ep):
+    publish_run(out, "run-0", RUN0_IMAGES, RUN0_FACES, ep)
+    publish_run(out, "run-1", [("d", "e1"), ("e", "e1")], [("d", 1), ("e", 3)], ep)
+    publish_run(out, "run-2", [("f", "e2")], [("f", 1)], ep)
+
+
+def act_compaction(out, ep):
+    from facebatch.compact import compact
+
+    compact(out.uri(), endpoint=ep)
+
+
+def _people_generation(run_id, persons):
+    from facebatch.people import FACE_PEOPLE_SCHEMA, PEOPLE_SCHEMA
+
+    people = pa.Table.from_pylist([
+        {"person_id": pid, "name": None, "num_faces": len(faces), "num_images": len(faces), "cover_image_id": faces[0][0],
+         "cover_face_index": faces[0][1], "centroid": [1.0] + [0.0] * 127, "first_run_id": run_id, "last_run_id": run_id,
+         "pipeline_version": VERSION} for pid, faces in persons.items()], schema=PEOPLE_SCHEMA)
+    face_people = pa.Table.from_pylist(sorted(
+        ({"image_id": i, "face_index": k, "person_id": pid, "similarity": 0.99, "assigned_by": "cluster", "reason": None,
+          "face_run_id": "run-0", "people_run_id": run_id, "pipeline_version": VERSION}
+         for pid, faces in persons.items() for i, k in faces), key=lambda r: (r["image_id"], r["face_index"])), schema=FACE_PEOPLE_SCHEMA)
+    return people, face_people
+
+
+PEOPLE_1 = {"p0000000": [("a", 0), ("b", 0)], "p0000001": [("a", 1), ("c", 0)]}
+PEOPLE_2 = {"p0000000": [("a", 0), ("b", 0), ("c", 0)], "p0000001": [("a", 1)]}
+
+
+def _stage_people(out, run_id, persons, ep):
+    from facebatch.people import current_generations, stage_and_publish
+
+    people, face_people = _people_generation(run_id, persons)
+    previous = current_generations(out, ep).get(VERSION)
+    stage_and_publish(out, run_id, VERSION, people, face_people, f"faiss:{run_id}".encode(), {"run_id": run_id, "kind": "people"},
+                      previous, len(persons), None, None, ep, {}, time.perf_counter())
+
+
+def setup_people(out, ep):
+    publish_run(out, "run-0", RUN0_IMAGES, RUN0_FACES, ep)
+    _stage_people(out, "people-1", PEOPLE_1, ep)
+
+
+def act_people(out, ep):
+    _stage_people(out, "people-2", PEOPLE_2, ep)
+
+
+def next_index_run(out, ep):
+    tables.recover_staging(out, ep)
+
+
+def next_people_run(out, ep):
+    from facebatch.people import current_generations
+
+    tables.recover_staging(out, ep)
+    if current_generations(out, ep)[VERSION]["run_id"] != "people-2":
+        act_people(out, ep)  # the failed run left nothing committed: the next people run does it again
+
+
+SCENARIOS = {
+    "publish": (setup_publish, act_publish, next_index_run),
+    "recovery": (setup_recovery, act_recovery, next_index_run),
+    "compaction": (setup_compaction, act_compaction, act_compaction),
+    "people": (setup_people, act_people, next_people_run),
+}
+
+
+# --------------------------------------------------------------------------- what a reader sees
+
+
+COLUMNS = {
+    "images": "image_id, pipeline_version, etag, run_id",
+    "faces": "image_id, pipeline_version, face_index, run_id, score",
+    "people": "person_id, pipeline_version, num_faces, last_run_id",
+    "face_people": "image_id, face_index, person_id, people_run_id",
+}
+
+
+_duckdb: dict[str, object] = {}
+
+
+def visible(out, ep) -> dict[str, list[tuple]]:
+    """The rows of every table as `facebatch.query.connect(OUT)` shows them (one DuckDB connection
+    per endpoint, its views recreated over what OUT holds now; no metadata caching in DuckDB)."""
+    from facebatch.query import connect, create_views
+
+    con = _duckdb.get(ep)
+    if con is None:
+        con = _duckdb[ep] = connect(out.uri(), ep)
+    else:
+        create_views(con, out, ep)
+    return {name: sorted(con.sql(f"SELECT {cols} FROM {name}").fetchall()) for name, cols in COLUMNS.items()}
+
+
+def clone(s3, template, out) -> None:
+    """Start a case from the scenario's starting state: a server-side copy of every object."""
+    client = s3.client()
+    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=template.path + "/")
+    for item in listed.get("Contents", []):
+        key = out.path + item["Key"][len(template.path):]
+        client.copy_object(Bucket=BUCKET, Key=key, CopySource={"Bucket": BUCKET, "Key": item["Key"]})
+
+
+def staged_leftovers(s3, out) -> list[str]:
+    listed = s3.client().list_objects_v2(Bucket=BUCKET, Prefix=out.join("_staging").path + "/")
+    return sorted(o["Key"] for o in listed.get("Contents", []) if not o["Key"].endswith("/"))
+
+
+def check_between(seen, old, new) -> str:
+    """What a reader sees while a step failed half way: all tables the old ones, or all the new
+    ones; never a mix (not even across tables), never a row twice. Returns which."""
+    for name, rows in seen.items():
+        assert len(rows) == len(set(rows)), f"{name}: duplicated rows {rows}"
+    if seen == old:
+        return "old"
+    if seen == new:
+        return "new"
+    mixed = {name: rows for name, rows in seen.items() if rows not in (old[name], new[name])}
+    raise AssertionError(f"a mix of old and new: {mixed or 'tables from different states'}")
+
+
+def normalise(key: str, prefix: str) -> str:
+    """'/bucket/<case prefix>/x' -> 'x', a compaction id -> a placeholder (keys of a batch delete one by one)."""
+    return " ".join(COMPACTION_ID.sub("compact-ID", k[len(prefix):] if k.startswith(prefix) else k) for k in key.split(" "))
+
+
+def key_pattern(normalised: str, prefix: str) -> str:
+    parts = [re.escape(prefix + k).replace("compact\\-ID", COMPACTION_ID.pattern) for k in normalised.split(" ")]
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------- the matrix
+
+
+PERSISTENT = (403, 500, 503, DROP)
+TRANSIENT = (503, 500, DROP)  # the kinds every client retries
+
+
+def _full() -> bool:
+    return os.environ.get("FAULT_MATRIX") == "full"
+
+
+def select_cases(requests, covered=frozenset()):
+    """The cases to run: (label, [(op, key, skip), ...] the requests to fail, status, times).
+
+    FAULT_MATRIX=full: every recorded request x (4 lasting kinds + 3 passing kinds), one request
+    at a time.
+    Default (what fits the test budget):
+    - lasting: every *distinct* request (op + key: a repeat of the same request, e.g. pyarrow's
+      second HEAD of a file it opens, is covered by its first occurrence; requests that another
+      scenario covers are left to it), one request at a time, the kind taking turns through 403,
+      500, 503, dropped;
+    - passing: per kind (503, 500, dropped), one case in which *every* distinct request fails
+      once (its first occurrence; the client's retry succeeds): stronger than one at a time for
+      the retry configuration, and 3 cases instead of hundreds.
+    """
+    cases = []
+    seen_before: Counter = Counter()
+    distinct = []
+    for index, (op, key) in enumerate(requests):
+        skip = seen_before[(op, key)]
+        seen_before[(op, key)] += 1
+        if _full():
+            for status in PERSISTENT:
+                cases.append((f"#{index} {op} {key} {KIND_NAMES[status]} lasting", [(op, key, skip)], status, None))
+            for status in TRANSIENT:
+                cases.append((f"#{index} {op} {key} {KIND_NAMES[status]} once", [(op, key, skip)], status, 1))
+            continue
+        if skip or (op, key) in covered:
+            continue
+        status = PERSISTENT[len(distinct) % len(PERSISTENT)]
+        cases.append((f"#{index} {op} {key} {KIND_NAMES[status]} lasting", [(op, key, 0)], status, None))
+        distinct.append((op, key, 0))
+    if not _full():
+        for status in TRANSIENT:
+            cases.append((f"every distinct request ({len(distinct)}) fails once: {KIND_NAMES[status]}", distinct, status, 1))
+    return cases
+
+
+def _run_scenario(env, scenario):
+    proxy, s3 = env
+    setup, act, next_run = SCENARIOS[scenario]
+    direct = s3.endpoint
+    fresh_clients()
+
+    # The old state, the new state (an uninterrupted run) and the requests that run makes.
+    template = fresh_out(scenario)
+    setup(template, direct)
+    if scenario in ("publish", "recovery"):
+        # Before run-1 was staged: run-0's tables. (Once run-1's record is staged the run is
+        # committed, and readers through connect() see it whole even before it is published.)
+        before_run1 = fresh_out(scenario)
+        publish_run(before_run1, "run-0", RUN0_IMAGES, RUN0_FACES, direct)
+        old = visible(before_run1, direct)
+    out = fresh_out(scenario)
+    clone(s3, template, out)
+    if scenario not in ("publish", "recovery"):
+        old = visible(out, direct)
+    before = len(proxy.operations)
+    act(out, proxy.endpoint)
+    prefix = f"/{BUCKET}/{out.path}/"
+    requests = [(op, normalise(key, prefix)) for op, key in proxy.operations[before:]]
+    new = visible(out, direct)
+    assert (new != old or scenario == "compaction") and not staged_leftovers(s3, out)
+
+    covered = set()
+    if scenario == "recovery" and not _full():
+        # Recovery publishes run-1 with publish_run: those requests are the publish scenario's.
+        before = len(proxy.operations)
+        publish_template = fresh_out("publish")
+        setup_publish(publish_template, direct)
+        act_publish(publish_template, proxy.endpoint)
+        covered = {(op, normalise(key, f"/{BUCKET}/{publish_template.path}/")) for op, key in proxy.operations[before:]}
+    cases = select_cases(requests, covered)
+
+    if os.environ.get("FAULT_MATRIX_LIMIT"):  # development only: the first n cases
+        cases = cases[: int(os.environ["FAULT_MATRIX_LIMIT"])]
+    summary: Counter = Counter()
+    outcomes: Counter = Counter()
+    states: Counter = Counter()  # what readers saw after a lasting fault: the old or the new tables
+    phases: Counter = Counter()
+    t0 = time.perf_counter()
+    for label, targets, status, times in cases:
+        case = f"{scenario} {label}"
+        out = fresh_out(scenario)
+        fresh_clients()
+        tick = time.perf_counter()
+        clone(s3, template, out)
+        phases["clone"] += time.perf_counter() - tick
+        prefix = f"/{BUCKET}/{out.path}/"
+        faults = [proxy.inject(op, status=status, times=times, pattern=key_pattern(key, prefix), skip=skip)
+                  for op, key, skip in targets]
+        error = None
+        tick = time.perf_counter()
+        try:
+            act(out, proxy.endpoint)
+        except Exception as exc:  # noqa: BLE001 - which error it is, is checked below
+            error = exc
+        finally:
+            proxy.clear_faults()
+        phases["act"] += time.perf_counter() - tick
+        unfired = [t for t, f in zip(targets, faults) if not f.served]
+        assert not unfired, f"{case}: fault(s) never fired (the run's requests changed?): {unfired[:5]}"
+        tick = time.perf_counter()
+        seen = visible(out, direct)
+        phases["visible"] += time.perf_counter() - tick
+        if times == 1:
+            # One failure of a kind the clients retry: survived, and the result is a clean run's.
+            assert error is None, f"{case}: a single retryable failure was not survived: {error!r}"
+            assert seen == new and not staged_leftovers(s3, out), case
+            outcomes["transient survived"] += 1
+        else:
+            try:
+                states[check_between(seen, old, new)] += 1
+            except AssertionError as exc:
+                raise AssertionError(f"{case}: {exc}") from exc
+            outcomes["step failed" if error is not None else "step succeeded anyway"] += 1
+            if error is not None and not isinstance(error, (storage.StorageError, OSError, RuntimeError)):
+                raise AssertionError(f"{case}: unexpected error type {error!r}") from error
+            fresh_clients()
+            tick = time.perf_counter()
+            next_run(out, proxy.endpoint)
+            phases["next run"] += time.perf_counter() - tick
+            assert visible(out, direct) == new, f"{case}: the next run did not end like an uninterrupted run"
+            assert not staged_leftovers(s3, out), f"{case}: staged files left: {staged_leftovers(s3, out)}"
+        for op, _, _ in targets:
+            summary[(op, KIND_NAMES[status], "once" if times else "lasting")] += 1
+    seconds = time.perf_counter() - t0
+    print("\n[fault matrix] seconds by phase:", {k: round(v, 1) for k, v in phases.items()})
+    return requests, cases, summary, outcomes, states, seconds
+
+
+RESULTS: dict[str, tuple] = {}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_fault_matrix(env, scenario):
+    requests, cases, summary, outcomes, states, seconds = _run_scenario(env, scenario)
+    RESULTS[scenario] = (len(requests), len(cases), outcomes, states, seconds)
+    ops = Counter(op for op, _ in requests)
+    print(f"\n[fault matrix] {scenario}: {len(requests)} requests ({dict(ops)}), {len(cases)} cases in {seconds:.1f} s; "
+          f"{dict(outcomes)}; after a lasting fault readers saw {dict(states)}")
+    for (op, kind, mode), n in sorted(summary.items()):
+        print(f"    {op:6s} {kind:8s} {mode:10s} {n}")
+
+
+def test_fault_matrix_summary():
+    """Printed last: the number of cases that ran (pytest -s shows it)."""
+    if not RESULTS:
+        pytest.skip("no scenario ran")
+    total = sum(r[1] for r in RESULTS.values())
+    print(f"\n[fault matrix] {total} cases over {sum(r[0] for r in RESULTS.values())} recorded requests: "
+          + ", ".join(f"{s} {r[1]} ({r[0]} requests, {r[4]:.0f} s)" for s, r in RESULTS.items()))

@@ -30,12 +30,6 @@ from .config import ConfigError
 SORT_KEYS = {"images": "image_id, pipeline_version", "faces": "image_id, pipeline_version, face_index"}
 
 
-def _fs_location(out: storage.Location, fs_path: str) -> storage.Location:
-    if out.is_s3:
-        bucket, key = fs_path.split("/", 1)
-        return storage.Location("s3", bucket, key)
-    return storage.Location("file", "", fs_path)
-
 
 def finish_compaction(out: storage.Location, compaction_id: str, endpoint: str | None = None,
                       heartbeat: "tables.Heartbeat | None" = None) -> bool:
@@ -45,15 +39,15 @@ def finish_compaction(out: storage.Location, compaction_id: str, endpoint: str |
     if journal is None:
         return False
     for item in journal["add"]:
-        tables._move(out, _fs_location(out, item["staged"]), _fs_location(out, item["final"]), endpoint)
-    missing = [item["final"] for item in journal["add"] if _file_type(fs, out, item["final"]) != pafs.FileType.File]
+        tables._move(out, out.at_fs_path(item["staged"]), out.at_fs_path(item["final"]), endpoint)
+    missing = [item["final"] for item in journal["add"] if tables.file_type(fs, out, item["final"]) != pafs.FileType.File]
     if missing:
         # Never remove the old files unless every merged file is in place.
         raise RuntimeError(f"compaction {compaction_id}: merged files missing ({', '.join(missing[:3])}); old files kept")
     failed = []
     for old in journal["remove"]:
         try:
-            tables.delete_file(fs, old, _fs_location(out, old).uri())
+            tables.delete_file(fs, old, out.at_fs_path(old).uri())
         except storage.StorageError as exc:
             failed.append(exc)  # try the others too: fewer duplicates visible until the next attempt
     if failed:
@@ -67,13 +61,6 @@ def finish_compaction(out: storage.Location, compaction_id: str, endpoint: str |
         heartbeat.stop()
     tables._delete_tree(fs, out.join("_staging", compaction_id))
     return True
-
-
-def _file_type(fs: pafs.FileSystem, out: storage.Location, fs_path: str) -> pafs.FileType:
-    try:
-        return fs.get_file_info(fs_path).type
-    except OSError as exc:
-        raise storage.storage_error("HEAD", _fs_location(out, fs_path).uri(), exc) from exc
 
 
 def _holds_an_index(fs: pafs.FileSystem, out: storage.Location) -> bool:

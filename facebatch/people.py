@@ -658,12 +658,6 @@ def stage_and_publish(out: storage.Location, run_id: str, version: str, people: 
         heartbeat.stop()
 
 
-def _fs_location(out: storage.Location, fs_path: str) -> storage.Location:
-    if out.is_s3:
-        bucket, key = fs_path.split("/", 1)
-        return storage.Location("s3", bucket, key)
-    return storage.Location("file", "", fs_path)
-
 
 def finish_people_swap(out: storage.Location, run_id: str, endpoint: str | None = None,
                        heartbeat: "tables.Heartbeat | None" = None) -> bool:
@@ -675,27 +669,21 @@ def finish_people_swap(out: storage.Location, run_id: str, endpoint: str | None 
     if journal is None:
         return False
     for item in journal["add"]:
-        tables._move(out, _fs_location(out, item["staged"]), _fs_location(out, item["final"]), endpoint)
+        tables._move(out, out.at_fs_path(item["staged"]), out.at_fs_path(item["final"]), endpoint)
         tables.fault_point("people-after-move")
-    missing = [item["final"] for item in journal["add"] if fs.get_file_info(item["final"]).type != pafs.FileType.File]
+    missing = [item["final"] for item in journal["add"] if tables.file_type(fs, out, item["final"]) != pafs.FileType.File]
     if missing:
         raise RuntimeError(f"people run {run_id}: files missing after the move ({', '.join(missing)}); the pointer was not changed")
     # The commit: one small object says which files are current.
     tables.write_json(fs, pointer_location(out, journal["version"]), journal["pointer"])
     tables.fault_point("people-after-pointer")
     for path in journal["remove"]:
-        try:
-            fs.delete_file(path)
-        except FileNotFoundError:
-            pass  # deleted by an earlier attempt
+        tables.delete_file(fs, path, out.at_fs_path(path).uri())  # gone already: an earlier attempt
     record = dict(journal["record"], state="published", published_at=time.time())
     tables.write_json(fs, out.join("_runs", f"{run_id}.json"), record)
     if heartbeat is not None:
         heartbeat.stop()
-    try:
-        fs.delete_dir(out.join("_staging", run_id).fs_path())
-    except FileNotFoundError:
-        pass
+    tables._delete_tree(fs, out.join("_staging", run_id))
     return True
 
 

@@ -93,12 +93,18 @@ def create_views(con: duckdb.DuckDBPyConnection, location: storage.Location, end
       files hidden, even those not deleted yet), else the old files (merged ones hidden);
     - an index run whose staged files are complete (READY and record.json: recovery publishes it,
       never discards it) but whose images are not published yet: its staged rows, and the older
-      rows it replaces or prunes hidden, whether the supersede step removed them already or not.
+      rows it replaces or prunes hidden, whether the supersede step removed them already or not
+      (and of a file it rewrote under a new name, only the new one).
     """
     pending = pending_changes(location, endpoint)
     for name, schema in tables.TABLES.items():
-        files = [f for f in tables.list_table_files(location, name, endpoint) if f not in pending.hidden]
+        present = tables.list_table_files(location, name, endpoint)
         runs = pending.runs
+        # A pending run's supersede step writes each file it rewrites under a new name, then
+        # deletes the old one: where both exist, the old one is not read (its rows are in the new).
+        rewritten = {f for f in present for run in runs
+                     if f.rsplit("/", 1)[0] + "/" + tables.rewritten_name(f.rsplit("/", 1)[1], run["run_id"]) in present}
+        files = [f for f in present if f not in pending.hidden and f not in rewritten]
         own = {f"{name}/{run['run_id']}.parquet" for run in runs}
         files = [f for f in files if not any(f.endswith("/" + o) for o in own)] if runs else files
         parts = _literal_list(location, files)

@@ -90,6 +90,13 @@ class Location:
         """The path as pyarrow.fs wants it (bucket/key for S3)."""
         return f"{self.bucket}/{self.path}".rstrip("/") if self.is_s3 else self.path
 
+    def at_fs_path(self, fs_path: str) -> "Location":
+        """The location of another pyarrow.fs path on this location's store (the inverse of fs_path)."""
+        if self.is_s3:
+            bucket, key = fs_path.split("/", 1)
+            return Location("s3", bucket, key)
+        return Location("file", "", fs_path)
+
 
 def parse_location(uri: str) -> Location:
     if uri.startswith(("s3://", "s3a://")):

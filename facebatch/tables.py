@@ -542,6 +542,14 @@ def read_json(fs: pafs.FileSystem, location: storage.Location) -> dict[str, Any]
         attempt += 1
 
 
+def file_type(fs: pafs.FileSystem, out: storage.Location, fs_path: str) -> pafs.FileType:
+    """What is at fs_path (NotFound when nothing); a failed HEAD raises StorageError naming it."""
+    try:
+        return fs.get_file_info(fs_path).type
+    except OSError as exc:
+        raise storage.storage_error("HEAD", out.at_fs_path(fs_path).uri(), exc) from exc
+
+
 def delete_file(fs: pafs.FileSystem, fs_path: str, uri: str) -> None:
     """Delete one object; already gone is fine, any other failure raises StorageError."""
     try:

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from facebatch.cli import format_people_summary, people_config_from_args
     from facebatch.config import ConfigError
     from facebatch.people import run_people
+    from facebatch.storage import StorageError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cluster_people.py: {exc}", file=sys.stderr)
         return 2
+    except StorageError as exc:  # names the object; the previous people tables stay current
+        print(f"cluster_people.py: {exc}", file=sys.stderr)
+        return 1
     print(format_people_summary(summary.record))
     return 0
 

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from facebatch import tables
 from facebatch.compact import compact
+from facebatch.out import Out
 
 
 def build(out: Path, faces: int, nights: int, seed: int = 0) -> list[str]:
@@ -117,7 +118,7 @@ def main() -> None:
     files_before = len(list((out / "faces").glob("*.parquet")))
     before = time_queries(out, ids, args.repeats)
     t0 = time.perf_counter()
-    report = compact(str(out))
+    report = compact(Out.from_uri(str(out)))
     compact_s = time.perf_counter() - t0
     files_after = len(list((out / "faces").glob("*.parquet")))
     after = time_queries(out, ids, args.repeats)

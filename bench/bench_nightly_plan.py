@@ -133,11 +133,12 @@ def step(kind: str, source: str, out: str, run_id: str) -> dict:
     """One measured step, in this (fresh) process."""
     import pyarrow as pa
 
-    from facebatch import pipeline, storage, tables
+    from facebatch import pipeline, tables
+    from facebatch.out import Out
     from facebatch.config import IndexConfig
     from facebatch.plan import build_plan
 
-    location = storage.parse_location(out)
+    location = Out.from_uri(out)
     result: dict = {}
     if kind == "plan":
         rss0, r0, t0, c0 = _status_kib('VmRSS') * 1024, _rchar(), time.perf_counter(), _cpu_seconds()
@@ -148,22 +149,21 @@ def step(kind: str, source: str, out: str, run_id: str) -> dict:
             # Stage the run the pipeline would write for the planned objects (not measured).
             from test_tables_plan import _faces_rows, _images_rows
 
-            writer = tables.RunWriter(location, run_id, None)
+            writer = tables.RunWriter(location, run_id)
             for batch in plan.batches(rows=10_000):
                 ids = batch.column("image_id").to_pylist()
                 writer.write("faces", _faces_rows(ids, VERSION, run_id).cast(tables.FACES_SCHEMA))
                 writer.write("images", _images_rows(ids, ["x"] * len(ids), ["ok"] * len(ids), VERSION, run_id).cast(tables.IMAGES_SCHEMA))
             writer.close()
             writer.heartbeat.stop()
-            fs = storage.arrow_filesystem(location)
-            pipeline.stage_replaced_ids(plan, VERSION, fs, location.join("_staging", run_id, tables.REPLACED_FILE))
+            pipeline.stage_replaced_ids(plan, VERSION, location, run_id)
         plan.cleanup()
     else:
         stats = tables.SupersedeStats()
         rss0, r0, t0, c0 = _status_kib('VmRSS') * 1024, _rchar(), time.perf_counter(), _cpu_seconds()
         # publish_run as the pipeline calls it, with the supersede statistics it records.
         real = tables.remove_superseded
-        tables.remove_superseded = lambda o, r, e=None, s=None: real(o, r, e, stats)  # noqa: E731
+        tables.remove_superseded = lambda o, r, s=None: real(o, r, stats)  # noqa: E731
         tables.publish_run(location, run_id, {"run_id": run_id})
         result.update(seconds=time.perf_counter() - t0, cpu_seconds=_cpu_seconds() - c0, read_bytes=_rchar() - r0, peak_rss=_peak_rss(), rss_before=rss0,
                       rows_removed=stats.rows_removed, files_rewritten=stats.files_rewritten,

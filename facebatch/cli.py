@@ -194,8 +194,9 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 def run_compact_command(args: argparse.Namespace) -> int:
     from .compact import compact
+    from .out import Out
 
-    result = compact(args.out, target_rows=args.target_rows, endpoint=args.s3_endpoint)
+    result = compact(Out.from_uri(args.out, args.s3_endpoint), target_rows=args.target_rows)
     print(json.dumps(result, indent=2))
     return 0
 

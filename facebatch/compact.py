@@ -26,28 +26,27 @@ import pyarrow.parquet as pq
 
 from . import storage, tables
 from .config import ConfigError
+from .out import Heartbeat, Out
 
 SORT_KEYS = {"images": "image_id, pipeline_version", "faces": "image_id, pipeline_version, face_index"}
 
 
 
-def finish_compaction(out: storage.Location, compaction_id: str, endpoint: str | None = None,
-                      heartbeat: "tables.Heartbeat | None" = None) -> bool:
+def finish_compaction(out: Out, compaction_id: str, heartbeat: Heartbeat | None = None) -> bool:
     """Complete a journaled swap (idempotent). Returns False when there is no journal."""
-    fs = storage.arrow_filesystem(out, endpoint)
-    journal = tables.read_json(fs, out.join("_staging", compaction_id, "compact.json"))
+    journal = out.read_json(out.staging(compaction_id, "compact.json"))
     if journal is None:
         return False
     for item in journal["add"]:
-        tables._move(out, out.at_fs_path(item["staged"]), out.at_fs_path(item["final"]), endpoint)
-    missing = [item["final"] for item in journal["add"] if tables.file_type(fs, out, item["final"]) != pafs.FileType.File]
+        out.move(out.at_fs_path(item["staged"]), out.at_fs_path(item["final"]))
+    missing = [item["final"] for item in journal["add"] if out.file_type(item["final"]) != pafs.FileType.File]
     if missing:
         # Never remove the old files unless every merged file is in place.
         raise RuntimeError(f"compaction {compaction_id}: merged files missing ({', '.join(missing[:3])}); old files kept")
     failed = []
     for old in journal["remove"]:
         try:
-            tables.delete_file(fs, old, out.at_fs_path(old).uri())
+            out.delete_file(old)
         except storage.StorageError as exc:
             failed.append(exc)  # try the others too: fewer duplicates visible until the next attempt
     if failed:
@@ -59,63 +58,58 @@ def finish_compaction(out: storage.Location, compaction_id: str, endpoint: str |
         )
     if heartbeat is not None:
         heartbeat.stop()
-    tables._delete_tree(fs, out.join("_staging", compaction_id))
+    out.delete_tree(out.staging(compaction_id))
     return True
 
 
-def _holds_an_index(fs: pafs.FileSystem, out: storage.Location) -> bool:
+def _holds_an_index(out: Out) -> bool:
     """Anything an indexing run leaves: published tables, run records or staged runs."""
     for folder in ("images", "faces", "_runs", "_staging"):
         location = out.join(folder)
         try:
-            if fs.get_file_info(pafs.FileSelector(location.fs_path(), allow_not_found=True)):
+            if out.fs.get_file_info(pafs.FileSelector(location.fs_path(), allow_not_found=True)):
                 return True
         except OSError as exc:
             raise storage.storage_error("LIST", location.uri(), exc) from exc
     return False
 
 
-def compact(out_uri: str, target_rows: int = 2_000_000, endpoint: str | None = None, row_group_size: int = 100_000) -> dict[str, Any]:
-    out = storage.parse_location(out_uri)
-    fs = storage.arrow_filesystem(out, endpoint)
-    if not _holds_an_index(fs, out):
-        raise ConfigError(f"{out_uri} holds no facebatch index (no images/, faces/, _runs/ or _staging/ in it): "
+def compact(out: Out, target_rows: int = 2_000_000, row_group_size: int = 100_000) -> dict[str, Any]:
+    if not _holds_an_index(out):
+        raise ConfigError(f"{out.given} holds no facebatch index (no images/, faces/, _runs/ or _staging/ in it): "
                           "give the --out of `facebatch index`")
     compaction_id = "compact-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     from .lease import Lease
 
     # One writer per OUT: no indexing or people run publishes while the files are merged and swapped.
-    with Lease(out, endpoint, holder=f"facebatch compact {compaction_id}") as lease:
-        return _compact(out, fs, compaction_id, target_rows, endpoint, row_group_size, lease)
+    with Lease(out, holder=f"facebatch compact {compaction_id}") as lease:
+        return _compact(out, compaction_id, target_rows, row_group_size, lease)
 
 
-def _compact(out: storage.Location, fs: pafs.FileSystem, compaction_id: str, target_rows: int, endpoint: str | None,
-             row_group_size: int, lease) -> dict[str, Any]:
-    tables.recover_staging(out, endpoint)
+def _compact(out: Out, compaction_id: str, target_rows: int, row_group_size: int, lease) -> dict[str, Any]:
+    tables.recover_staging(out)
     # Like an indexing run, a compaction heartbeats its staging folder so that no run started
     # meanwhile takes it for a crash's leftovers.
-    heartbeat_location = out.join("_staging", compaction_id, "HEARTBEAT")
-    tables.ensure_parent_dir(fs, out, heartbeat_location.fs_path())
-    heartbeat = tables.Heartbeat(fs, heartbeat_location)
+    heartbeat = Heartbeat.start(out, compaction_id)
     journal: dict[str, list] = {"add": [], "remove": []}
     report: dict[str, Any] = {"compaction_id": compaction_id, "tables": {}}
     t0 = time.perf_counter()
     try:
         for name, schema in tables.TABLES.items():
             try:
-                _merge_table(out, fs, name, schema, compaction_id, target_rows, row_group_size, journal, report, endpoint)
+                _merge_table(out, name, schema, compaction_id, target_rows, row_group_size, journal, report)
             except (OSError, duckdb.Error) as exc:
                 # A failed read or write of a table file: nothing was swapped yet; the staging folder
                 # (no journal) is discarded by the next run.
                 raise storage.StorageError(f"compaction {compaction_id}: merging {name} failed: {exc}") from exc
         if journal["add"] or journal["remove"]:
             lease.check()
-            tables.write_json(fs, out.join("_staging", compaction_id, "compact.json"), journal)
+            out.write_json(out.staging(compaction_id, "compact.json"), journal)
             # On success this removes the staging folder; on failure the journal stays for recovery.
-            finish_compaction(out, compaction_id, endpoint, heartbeat)
+            finish_compaction(out, compaction_id, heartbeat)
         else:
             heartbeat.stop()
-            tables._delete_tree(fs, out.join("_staging", compaction_id))
+            out.delete_tree(out.staging(compaction_id))
     except OSError as exc:  # the journal's PUT, or a HEAD while checking the merged files
         raise storage.StorageError(f"compaction {compaction_id}: {exc}") from exc
     finally:
@@ -125,22 +119,22 @@ def _compact(out: storage.Location, fs: pafs.FileSystem, compaction_id: str, tar
     return report
 
 
-def _merge_table(out: storage.Location, fs: pafs.FileSystem, name: str, schema, compaction_id: str, target_rows: int,
-                 row_group_size: int, journal: dict[str, list], report: dict[str, Any], endpoint: str | None) -> None:
+def _merge_table(out: Out, name: str, schema, compaction_id: str, target_rows: int,
+                 row_group_size: int, journal: dict[str, list], report: dict[str, Any]) -> None:
     """Write one table's rows, sorted, as staged part files; add them (and the files they replace) to the journal."""
-    files = tables.list_table_files(out, name, endpoint)
+    files = out.list_table_files(name)
     if len(files) <= 1:
         report["tables"][name] = {"files_before": len(files), "files_after": len(files), "rows": None, "skipped": True}
         return
     con = duckdb.connect()
     try:
         con.execute("SET preserve_insertion_order=true")
-        con.register("source_rows", pads.dataset(files, schema=schema, filesystem=fs, format="parquet"))
+        con.register("source_rows", pads.dataset(files, schema=schema, filesystem=out.fs, format="parquet"))
         reader = con.execute(f"SELECT * FROM source_rows ORDER BY {SORT_KEYS[name]}").to_arrow_reader(row_group_size)
         part, rows_in_part, total = 0, 0, 0
         writer = None
-        staged_dir = out.join("_staging", compaction_id, name)
-        tables.ensure_parent_dir(fs, out, staged_dir.join("part").fs_path())
+        staged_dir = out.staging(compaction_id, name)
+        out.ensure_parent_dir(staged_dir.join("part").fs_path())
         for batch in reader:
             if writer is None or rows_in_part >= target_rows:
                 if writer is not None:
@@ -148,7 +142,7 @@ def _merge_table(out: storage.Location, fs: pafs.FileSystem, name: str, schema, 
                 staged = staged_dir.join(f"part-{part:05d}.parquet")
                 final = out.join(name, f"{compaction_id}-{part:05d}.parquet")
                 journal["add"].append({"staged": staged.fs_path(), "final": final.fs_path()})
-                writer = pq.ParquetWriter(staged.fs_path(), schema, filesystem=fs, compression="zstd", write_statistics=True)
+                writer = pq.ParquetWriter(staged.fs_path(), schema, filesystem=out.fs, compression="zstd", write_statistics=True)
                 part, rows_in_part = part + 1, 0
             writer.write_batch(batch.cast(schema) if batch.schema != schema else batch, row_group_size=row_group_size)
             rows_in_part += batch.num_rows

@@ -1,6 +1,6 @@
 """One writer per OUT: a lease object, OUT/_lease.json, held by `index`, `compact` and `people`.
 
-    with Lease(out, endpoint, holder="index run 2026...") as lease:
+    with Lease(out, holder="index run 2026...") as lease:    # out: facebatch.out.Out
         ...                     # write, publish; lease.check() before an irreversible step
 
 The lease names its holder (host, pid, what, since) and an expiry that a background thread
@@ -31,8 +31,7 @@ from typing import Any
 
 from . import storage
 from .config import ConfigError
-
-LEASE_FILE = "_lease.json"
+from .out import Out
 # The lease lives this long after its last renewal; renewed every RENEW_SECONDS.
 TTL_SECONDS = float(os.environ.get("FACEBATCH_LEASE_TTL_SECONDS", "300"))
 RENEW_SECONDS = float(os.environ.get("FACEBATCH_LEASE_RENEW_SECONDS", "30"))
@@ -77,14 +76,15 @@ def _describe(lease: dict[str, Any]) -> str:
 
 
 class Lease:
-    def __init__(self, out: str | storage.Location, endpoint: str | None = None, holder: str = "facebatch",
-                 ttl: float | None = None, renew_every: float | None = None):
-        self.out = storage.parse_location(out) if isinstance(out, str) else out
-        self.endpoint = endpoint
+    def __init__(self, out: Out | str, holder: str = "facebatch", ttl: float | None = None,
+                 renew_every: float | None = None):
+        # A plain URI is accepted for callers outside a run (tests, tools); runs pass their Out.
+        self.out = Out.from_uri(out) if isinstance(out, str) else out
+        self.endpoint = self.out.endpoint
         self.holder = holder
         self.ttl = TTL_SECONDS if ttl is None else ttl
         self.renew_every = RENEW_SECONDS if renew_every is None else renew_every
-        self.location = self.out.join(LEASE_FILE)
+        self.location = self.out.lease_file()
         self.token = uuid.uuid4().hex
         self.since = 0.0
         self._etag: str | None = None
@@ -247,8 +247,8 @@ class Lease:
     def _local_lock(self):
         import fcntl
 
-        os.makedirs(self.out.path, exist_ok=True)
-        fd = os.open(os.path.join(self.out.path, "_lease.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+        os.makedirs(self.out.location.path, exist_ok=True)
+        fd = os.open(self.out.lease_lock().path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

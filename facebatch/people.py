@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 
 from . import storage, tables
 from .config import ConfigError
+from .out import Heartbeat, Out, fault_point
 from .embedder import COSINE_THRESHOLD
 
 log = logging.getLogger("facebatch.people")
@@ -169,45 +170,38 @@ class PeopleConfig:
 # ----------------------------------------------------------------------------------------- state
 
 
-def pointer_location(out: storage.Location, version: str) -> storage.Location:
-    return out.join("_people", f"{version}.json")
-
-
-def current_generations(out: storage.Location, endpoint: str | None = None) -> dict[str, dict]:
+def current_generations(out: Out) -> dict[str, dict]:
     """version -> the committed pointer of every pipeline version that has people."""
     import pyarrow.fs as pafs
 
-    fs = storage.arrow_filesystem(out, endpoint)
-    infos = fs.get_file_info(pafs.FileSelector(out.join("_people").fs_path(), allow_not_found=True))
+    infos = out.fs.get_file_info(pafs.FileSelector(out.people_pointers().fs_path(), allow_not_found=True))
     result = {}
     for info in infos:
         if info.type == pafs.FileType.File and info.path.endswith(".json"):
             version = info.base_name[: -len(".json")]
-            pointer = tables.read_json(fs, pointer_location(out, version))
+            pointer = out.read_json(out.people_pointer(version))
             if pointer is not None:
                 result[version] = pointer
     return result
 
 
-def generation_file(out: storage.Location, pointer: dict, name: str) -> storage.Location:
+def generation_file(out: Out, pointer: dict, name: str) -> storage.Location:
     """Where a generation's file lives. Pointers hold paths relative to OUT, so an OUT that is
     copied or moved elsewhere (`aws s3 sync`, `cp -r`) stays valid."""
     return out.join(pointer["files"][name])
 
 
-def _read_generation_table(out: storage.Location, pointer: dict, name: str, endpoint: str | None,
-                           columns: list[str] | None = None) -> pa.Table:
-    fs = storage.arrow_filesystem(out, endpoint)
-    return pq.read_table(generation_file(out, pointer, name).fs_path(), filesystem=fs, columns=columns)
+def _read_generation_table(out: Out, pointer: dict, name: str, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(generation_file(out, pointer, name).fs_path(), filesystem=out.fs, columns=columns)
 
 
 # ----------------------------------------------------------------------------------------- input
 
 
-def _faces_of_version(out: storage.Location, endpoint: str | None, version: str | None) -> tuple[str, pa.Table]:
+def _faces_of_version(out: Out, version: str | None) -> tuple[str, pa.Table]:
     from .query import connect
 
-    con = connect(out.uri(), endpoint)
+    con = connect(out)
     try:
         versions = con.execute(
             "SELECT pipeline_version FROM images GROUP BY 1 ORDER BY max(indexed_at) DESC"
@@ -348,25 +342,24 @@ def run_people(config: PeopleConfig, ray_address: str | None = None) -> PeopleSu
 
     config.validate()
     # One writer per OUT: not while an index run or a compaction changes the faces it reads.
-    with Lease(config.out, config.endpoint(), holder=f"facebatch people ({config.run_id or 'new run'})"):
-        return _run_people(config, ray_address)
+    out = Out.from_uri(config.out, config.endpoint())
+    with Lease(out, holder=f"facebatch people ({config.run_id or 'new run'})"):
+        return _run_people(config, out, ray_address)
 
 
-def _run_people(config: PeopleConfig, ray_address: str | None = None) -> PeopleSummary:
+def _run_people(config: PeopleConfig, out: Out, ray_address: str | None = None) -> PeopleSummary:
     from . import clustering
 
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
-    out = storage.parse_location(config.out)
     endpoint = config.endpoint()
-    fs = storage.arrow_filesystem(out, endpoint)
     run_id = config.run_id or new_run_id()
     if not run_id.startswith("people-"):
         run_id = "people-" + run_id  # recovery tells people runs from index runs by this prefix
-    recovered = tables.recover_staging(out, endpoint)
+    recovered = tables.recover_staging(out)
 
     t0 = time.perf_counter()
-    version, faces = _faces_of_version(out, endpoint, config.pipeline_version)
+    version, faces = _faces_of_version(out, config.pipeline_version)
     x = _embedding_matrix(faces["embedding"])
     n = faces.num_rows
     image_keys = pc.dictionary_encode(faces["image_id"].combine_chunks()).indices.to_numpy().astype(np.int64)
@@ -374,7 +367,7 @@ def _run_people(config: PeopleConfig, ray_address: str | None = None) -> PeopleS
     reasons = config.quality.reasons(faces)
     passing = np.array([r is None for r in reasons], bool)
 
-    previous = current_generations(out, endpoint).get(version)
+    previous = current_generations(out).get(version)
     # Labels survive later runs: without --labels, the file the last run used is read again.
     labels_path = config.labels or (previous or {}).get("labels")
     names = np.full(n, -1, np.int64)
@@ -400,7 +393,7 @@ def _run_people(config: PeopleConfig, ray_address: str | None = None) -> PeopleS
     next_person = 1
     if previous is not None:
         next_person = int(previous.get("next_person", 1))
-        prev_table = _read_generation_table(out, previous, "people", endpoint,
+        prev_table = _read_generation_table(out, previous, "people",
                                             columns=["person_id", "name", "num_faces", "first_run_id", "last_run_id"])
         prev_people = {row["person_id"]: row for row in prev_table.to_pylist()}
 
@@ -419,7 +412,7 @@ def _run_people(config: PeopleConfig, ray_address: str | None = None) -> PeopleS
         if previous is not None:
             # Old ids keep their meaning: each new cluster takes the old person it overlaps most
             # (largest overlaps first, each old id at most once).
-            prev_fp = _read_generation_table(out, previous, "face_people", endpoint,
+            prev_fp = _read_generation_table(out, previous, "face_people",
                                              columns=["image_id", "face_index", "person_id"])
             prev_person = pc.index_in(_face_keys(faces["image_id"], faces["face_index"]),
                                       value_set=_face_keys(prev_fp["image_id"], prev_fp["face_index"]))
@@ -448,7 +441,7 @@ def _run_people(config: PeopleConfig, ray_address: str | None = None) -> PeopleS
                       assigned_to_existing=0, new_faces=n)
     else:
         # Incremental: faces already placed keep their person; new ones go to the nearest person.
-        prev_fp = _read_generation_table(out, previous, "face_people", endpoint,
+        prev_fp = _read_generation_table(out, previous, "face_people",
                                          columns=["image_id", "face_index", "person_id", "assigned_by", "face_run_id"])
         same_face = _face_keys(prev_fp["image_id"], prev_fp["face_index"])
         position = pc.index_in(_face_keys(faces["image_id"], faces["face_index"]), value_set=same_face)
@@ -474,7 +467,7 @@ def _run_people(config: PeopleConfig, ray_address: str | None = None) -> PeopleS
                       "mode": "unchanged", "faces": {**counts, "persons": len(prev_people), "unassigned": None},
                       "current_run_id": previous["run_id"], "seconds": seconds, "recovered_runs": recovered,
                       "state": "nothing to do", "finished_at": time.time()}
-            tables.write_json(fs, out.join("_runs", f"{run_id}.json"), record)
+            out.write_json(out.run_record(run_id), record)
             return PeopleSummary(run_id=run_id, pipeline_version=version, record=record)
         new_ok = np.flatnonzero(new & passing)
         assigned = np.zeros(0, np.int64)
@@ -600,7 +593,7 @@ def _run_people(config: PeopleConfig, ray_address: str | None = None) -> PeopleS
     }
     t0 = time.perf_counter()
     stage_and_publish(out, run_id, version, people, face_people, index_bytes, record, previous, next_person,
-                      labels_path, labels_sha, endpoint, seconds, t_start)
+                      labels_path, labels_sha, seconds, t_start)
     seconds["publish"] = time.perf_counter() - t0
     record["seconds"] = {**seconds, "total": time.perf_counter() - t_start}
     return PeopleSummary(run_id=run_id, pipeline_version=version, record=record)
@@ -609,15 +602,12 @@ def _run_people(config: PeopleConfig, ray_address: str | None = None) -> PeopleS
 # ----------------------------------------------------------------------------------------- publish
 
 
-def stage_and_publish(out: storage.Location, run_id: str, version: str, people: pa.Table, face_people: pa.Table,
+def stage_and_publish(out: Out, run_id: str, version: str, people: pa.Table, face_people: pa.Table,
                       index_bytes: bytes, record: dict, previous: dict | None, next_person: int,
-                      labels_path: str | None, labels_sha: str | None, endpoint: str | None, seconds: dict,
-                      t_start: float) -> None:
-    fs = storage.arrow_filesystem(out, endpoint)
-    staging = out.join("_staging", run_id)
-    heartbeat_location = staging.join("HEARTBEAT")
-    tables.ensure_parent_dir(fs, out, heartbeat_location.fs_path())
-    heartbeat = tables.Heartbeat(fs, heartbeat_location)
+                      labels_path: str | None, labels_sha: str | None, seconds: dict, t_start: float) -> None:
+    fs = out.fs
+    staging = out.staging(run_id)
+    heartbeat = Heartbeat.start(out, run_id)
     try:
         relative = {
             "people": f"people/{run_id}.parquet",
@@ -631,7 +621,7 @@ def stage_and_publish(out: storage.Location, run_id: str, version: str, people: 
                        row_group_size=100_000, write_statistics=True)
         with fs.open_output_stream(staged["search_index"].fs_path()) as fh:
             fh.write(index_bytes)
-        tables.fault_point("people-staged")
+        fault_point("people-staged")
         pointer = {
             "run_id": run_id,
             "pipeline_version": version,
@@ -651,39 +641,37 @@ def stage_and_publish(out: storage.Location, run_id: str, version: str, people: 
             "record": record,
         }
         # Writing the journal is the point of no return: from here the next run finishes the swap.
-        tables.write_json(fs, staging.join("people.json"), journal)
-        tables.fault_point("people-journal")
-        finish_people_swap(out, run_id, endpoint, heartbeat)
+        out.write_json(staging.join("people.json"), journal)
+        fault_point("people-journal")
+        finish_people_swap(out, run_id, heartbeat)
     finally:
         heartbeat.stop()
 
 
 
-def finish_people_swap(out: storage.Location, run_id: str, endpoint: str | None = None,
-                       heartbeat: "tables.Heartbeat | None" = None) -> bool:
+def finish_people_swap(out: Out, run_id: str, heartbeat: Heartbeat | None = None) -> bool:
     """Complete a journaled people swap (idempotent). False when the run never wrote its journal."""
     import pyarrow.fs as pafs
 
-    fs = storage.arrow_filesystem(out, endpoint)
-    journal = tables.read_json(fs, out.join("_staging", run_id, "people.json"))
+    journal = out.read_json(out.staging(run_id, "people.json"))
     if journal is None:
         return False
     for item in journal["add"]:
-        tables._move(out, out.at_fs_path(item["staged"]), out.at_fs_path(item["final"]), endpoint)
-        tables.fault_point("people-after-move")
-    missing = [item["final"] for item in journal["add"] if tables.file_type(fs, out, item["final"]) != pafs.FileType.File]
+        out.move(out.at_fs_path(item["staged"]), out.at_fs_path(item["final"]))
+        fault_point("people-after-move")
+    missing = [item["final"] for item in journal["add"] if out.file_type(item["final"]) != pafs.FileType.File]
     if missing:
         raise RuntimeError(f"people run {run_id}: files missing after the move ({', '.join(missing)}); the pointer was not changed")
     # The commit: one small object says which files are current.
-    tables.write_json(fs, pointer_location(out, journal["version"]), journal["pointer"])
-    tables.fault_point("people-after-pointer")
+    out.write_json(out.people_pointer(journal["version"]), journal["pointer"])
+    fault_point("people-after-pointer")
     for path in journal["remove"]:
-        tables.delete_file(fs, path, out.at_fs_path(path).uri())  # gone already: an earlier attempt
+        out.delete_file(path)  # gone already: an earlier attempt
     record = dict(journal["record"], state="published", published_at=time.time())
-    tables.write_json(fs, out.join("_runs", f"{run_id}.json"), record)
+    out.write_json(out.run_record(run_id), record)
     if heartbeat is not None:
         heartbeat.stop()
-    tables._delete_tree(fs, out.join("_staging", run_id))
+    out.delete_tree(out.staging(run_id))
     return True
 
 
@@ -707,9 +695,8 @@ class SearchIndex:
         from . import clustering
 
         t0 = time.perf_counter()
-        out = storage.parse_location(out_uri)
-        endpoint = storage.endpoint_url(endpoint)
-        generations = current_generations(out, endpoint)
+        out = Out.from_uri(out_uri, storage.endpoint_url(endpoint))
+        generations = current_generations(out)
         if not generations:
             raise ConfigError(f"{out_uri} has no people/search index yet: run `facebatch people {out_uri}` first")
         if version is None:
@@ -717,12 +704,11 @@ class SearchIndex:
         elif version not in generations:
             raise ConfigError(f"{out_uri} has no search index for pipeline version {version!r} (it has {', '.join(generations)})")
         pointer = generations[version]
-        fs = storage.arrow_filesystem(out, endpoint)
-        with fs.open_input_stream(generation_file(out, pointer, "search_index").fs_path()) as fh:
+        with out.fs.open_input_stream(generation_file(out, pointer, "search_index").fs_path()) as fh:
             data = fh.read()
         index = clustering.load_index(data) if data else None
-        fp = _read_generation_table(out, pointer, "face_people", endpoint, ["image_id", "face_index", "person_id"])
-        people = _read_generation_table(out, pointer, "people", endpoint, ["person_id", "name"])
+        fp = _read_generation_table(out, pointer, "face_people", ["image_id", "face_index", "person_id"])
+        people = _read_generation_table(out, pointer, "people", ["person_id", "name"])
         return cls(
             version=version,
             index=index,

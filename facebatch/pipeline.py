@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 
 from . import __version__, gpumem, models, storage, tables
 from .config import IndexConfig, pipeline_version
+from .out import Out, active_heartbeats, fault_point
 
 log = logging.getLogger("facebatch")
 
@@ -386,12 +387,13 @@ def _count_fetch_errors(images_rows: pa.Table, counter: Counter) -> None:
 REPLACED_SCHEMA = pa.schema([("image_id", pa.string()), ("pipeline_version", pa.string())])
 
 
-def stage_replaced_ids(plan, version: str, fs, location: storage.Location) -> None:
+def stage_replaced_ids(plan, version: str, out: Out, run_id: str) -> None:
     """Stream the ids of the planned objects that already have a row (changed, retry, or anything
     but new under --full) to OUT/_staging/<run>/replaced.parquet, for tables.remove_superseded."""
     import pyarrow.parquet as pq
 
-    with pq.ParquetWriter(location.fs_path(), REPLACED_SCHEMA, filesystem=fs) as writer:
+    location = out.staging(run_id, tables.REPLACED_FILE)
+    with pq.ParquetWriter(location.fs_path(), REPLACED_SCHEMA, filesystem=out.fs) as writer:
         for batch in plan.batches(rows=100_000):
             ids = batch.column("image_id").filter(pc.not_equal(batch.column("change"), "new"))
             if len(ids):
@@ -443,14 +445,14 @@ def default_sizing(config: IndexConfig, resources: dict[str, float]) -> dict[str
 def run_index(config: IndexConfig, ray_address: str | None = None, object_store_memory: int | None = None,
               progress: bool = True, on_batch: Callable[[int, int, float], None] | None = None) -> RunSummary:
     """Plan, run and publish one indexing run. Raises on failure of the run itself (not of single objects)."""
-    before = tables.active_heartbeats()
+    before = active_heartbeats()
     with contextlib.ExitStack() as on_exit:  # local clean-up (the plan's spill files), failed or not
         try:
             return _run_index(config, ray_address, object_store_memory, progress, on_batch, on_exit)
         except BaseException:
             # A failed run stops beating, so that the next run (from this long-lived process or
             # another machine) may finish or discard what it staged.
-            for heartbeat in tables.active_heartbeats() - before:
+            for heartbeat in active_heartbeats() - before:
                 heartbeat.stop()
             raise
 
@@ -464,15 +466,17 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
 
     config.validate()
     t_start = time.perf_counter()
-    out = storage.parse_location(config.out)
     endpoint = config.s3_endpoint_url()
+    # OUT's filesystem and layout, made once: everything below (recovery, planning, writing,
+    # publishing, the lease) works through it.
+    out = Out.from_uri(config.out, endpoint)
     run_id = config.run_id or new_run_id()
 
     # One writer per OUT: a second `index`, `compact` or `people` on it stops here (LeaseHeld, exit 2).
     from .lease import Lease
 
-    lease = on_exit.enter_context(Lease(out, endpoint, holder=f"facebatch index run {run_id}"))
-    recovered = tables.recover_staging(out, endpoint)
+    lease = on_exit.enter_context(Lease(out, holder=f"facebatch index run {run_id}"))
+    recovered = tables.recover_staging(out)
     for action in recovered:
         log.warning("previous run %s was interrupted: %s", action["run_id"], action["action"])
 
@@ -481,7 +485,7 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
     version = pipeline_version(model_hashes, config)
 
     t0 = time.perf_counter()
-    plan = build_plan(config, version)
+    plan = build_plan(config, version, out)
     on_exit.callback(plan.cleanup)
     plan_s = time.perf_counter() - t0
     todo = plan.num_todo
@@ -501,7 +505,7 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
     ctx.enable_progress_bars = progress and sys.stderr.isatty()
 
     indexed_at = datetime.now(timezone.utc)
-    writer = tables.RunWriter(out, run_id, endpoint, row_group_size=config.rows_per_row_group)
+    writer = tables.RunWriter(out, run_id, row_group_size=config.rows_per_row_group)
     status_counts: dict[str, int] = {}
     # Fetch errors with the object's own name taken out, so that one outage counts as one message.
     fetch_errors: Counter[str] = Counter()
@@ -575,7 +579,7 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
                 # Time to the first results: worker start-up, model loading, the first batch.
                 first_batch_s, first_batch_rows = time.perf_counter() - t_infer, batch.num_rows
             processed += batch.num_rows
-            tables.fault_point("write-after-first-batch")
+            fault_point("write-after-first-batch")
             now = time.perf_counter()
             if on_batch is not None:  # (images processed, faces, seconds since processing began)
                 on_batch(processed, faces_total, now - t_infer)
@@ -614,20 +618,19 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
         "models": {name: {"sha256": sha} for name, sha in model_hashes.items()},
         "recovered_runs": recovered,
     }
-    fs = storage.arrow_filesystem(out, endpoint)
     # What publishing must remove from older files: the rows this run replaces (never new objects,
     # which no older file holds) and, with --prune, the ids of objects gone from SOURCE.
-    stage_replaced_ids(plan, version, fs, out.join("_staging", run_id, tables.REPLACED_FILE))
+    stage_replaced_ids(plan, version, out, run_id)
     if plan.deleted_ids_path:
         import pyarrow.parquet as pq
 
-        with pq.ParquetWriter(out.join("_staging", run_id, tables.PRUNE_FILE).fs_path(),
-                              pa.schema([("image_id", pa.string())]), filesystem=fs) as prune:
+        with pq.ParquetWriter(out.staging(run_id, tables.PRUNE_FILE).fs_path(),
+                              pa.schema([("image_id", pa.string())]), filesystem=out.fs) as prune:
             for batch in pq.ParquetFile(plan.deleted_ids_path, pre_buffer=False).iter_batches(columns=["image_id"]):
                 prune.write_batch(batch)
-    tables.fault_point("staged-before-record")
-    tables.write_json(fs, out.join("_staging", run_id, "record.json"), record)
-    tables.fault_point("staged-after-record")
+    fault_point("staged-before-record")
+    out.write_json(out.staged_record(run_id), record)
+    fault_point("staged-after-record")
     lease.check()  # taken over while this run was cut off: the other writer's recovery publishes it
-    tables.publish_run(out, run_id, record, endpoint, heartbeat=writer.heartbeat)
+    tables.publish_run(out, run_id, record, heartbeat=writer.heartbeat)
     return RunSummary(run_id=run_id, pipeline_version=version, out=config.out, record=record)

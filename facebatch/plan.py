@@ -23,7 +23,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from . import storage, tables
+from . import storage
+from .out import Out
 from .config import ConfigError, IndexConfig
 
 PLAN_SCHEMA = pa.schema(
@@ -203,7 +204,7 @@ PLAN_MEMORY_LIMIT = os.environ.get("FACEBATCH_PLAN_MEMORY", "512MB")
 PLAN_THREADS = int(os.environ.get("FACEBATCH_PLAN_THREADS", "0")) or None
 
 
-def plan_connection(spill_dir: str, out: storage.Location, endpoint: str | None) -> duckdb.DuckDBPyConnection:
+def plan_connection(spill_dir: str, out: Out) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection for planning: a database file in the spill folder (tables it makes live
     on disk, not in memory), a memory limit, and S3 access through httpfs when OUT is on S3."""
     con = duckdb.connect(os.path.join(spill_dir, "plan.duckdb"))
@@ -215,7 +216,7 @@ def plan_connection(spill_dir: str, out: storage.Location, endpoint: str | None)
     if out.is_s3:
         from .query import configure_s3
 
-        configure_s3(con, endpoint)
+        configure_s3(con, out.endpoint)
     return con
 
 
@@ -223,27 +224,28 @@ def _sql_list(uris: list[str]) -> str:
     return "[" + ", ".join("'" + u.replace("'", "''") + "'" for u in uris) + "]"
 
 
-def build_plan(config: IndexConfig, pipeline_version: str) -> Plan:
-    """Plan a run; its spill folder is the caller's to remove (Plan.cleanup), unless planning fails."""
+def build_plan(config: IndexConfig, pipeline_version: str, out: Out | None = None) -> Plan:
+    """Plan a run; its spill folder is the caller's to remove (Plan.cleanup), unless planning fails.
+
+    `out` is the run's Out (made from config.out when not given)."""
+    out = out if out is not None else Out.from_uri(config.out, config.s3_endpoint_url())
     spill_dir = tempfile.mkdtemp(prefix="facebatch-plan-")
     try:
-        return _build_plan(config, pipeline_version, spill_dir)
+        return _build_plan(config, pipeline_version, spill_dir, out)
     except BaseException:
         Plan(spill_dir=spill_dir, todo_path="").cleanup()
         raise
 
 
-def _build_plan(config: IndexConfig, pipeline_version: str, spill_dir: str) -> Plan:
+def _build_plan(config: IndexConfig, pipeline_version: str, spill_dir: str, out: Out) -> Plan:
     listing_path = os.path.join(spill_dir, "listing.parquet")
     with pq.ParquetWriter(listing_path, PLAN_SCHEMA) as writer:
         for batch in _listing_batches(config):
             writer.write_batch(batch)
 
-    out = storage.parse_location(config.out)
-    endpoint = config.s3_endpoint_url()
-    con = plan_connection(spill_dir, out, endpoint)
+    con = plan_connection(spill_dir, out)
     try:
-        return _classify(con, config, pipeline_version, spill_dir, listing_path, out, endpoint)
+        return _classify(con, config, pipeline_version, spill_dir, listing_path, out)
     except duckdb.IOException as exc:
         # httpfs could not read a published file (S3 error after its retries): nothing is planned.
         raise storage.StorageError(f"planning could not read the published images of {out.uri()}: {exc}") from exc
@@ -252,11 +254,11 @@ def _build_plan(config: IndexConfig, pipeline_version: str, spill_dir: str) -> P
 
 
 def _classify(con: duckdb.DuckDBPyConnection, config: IndexConfig, pipeline_version: str, spill_dir: str,
-              listing_path: str, out: storage.Location, endpoint: str | None) -> Plan:
+              listing_path: str, out: Out) -> Plan:
     # DuckDB reads the published files itself (local paths, or s3:// through httpfs), only the
     # columns it needs, skipping row groups of other pipeline versions by their statistics: the
     # index never passes through Python.
-    files = [tables._uri_of(out, p) for p in tables.list_table_files(out, "images", endpoint)]
+    files = [out.uri_of(p) for p in out.list_table_files("images")]
     version = "'" + pipeline_version.replace("'", "''") + "'"
     if files:
         existing = f"read_parquet({_sql_list(files)})"

@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 import duckdb
 
 from . import storage, tables
+from .out import Out
 
 
 def extension_file(name: str) -> Path | None:
@@ -73,17 +74,19 @@ def _quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def connect(out: str, endpoint: str | None = None, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with views `images`, `faces`, `people` and `face_people` over OUT's published Parquet files."""
+def connect(out: str | Out, endpoint: str | None = None, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with views `images`, `faces`, `people` and `face_people` over OUT's published Parquet files.
+
+    `out` is OUT's URI (with `endpoint`), or the Out of a run (which carries its endpoint)."""
     con = duckdb.connect(database)
-    location = storage.parse_location(out)
-    if location.is_s3:
-        configure_s3(con, endpoint)
-    create_views(con, location, endpoint)
+    out = out if isinstance(out, Out) else Out.from_uri(out, endpoint)
+    if out.is_s3:
+        configure_s3(con, out.endpoint)
+    create_views(con, out)
     return con
 
 
-def create_views(con: duckdb.DuckDBPyConnection, location: storage.Location, endpoint: str | None = None) -> None:
+def create_views(con: duckdb.DuckDBPyConnection, out: Out) -> None:
     """(Re)create the views over what OUT holds now (S3 configured on `con` already).
 
     Normally a view globs OUT/<table>/*.parquet. While a publish or a compaction is half done
@@ -96,9 +99,9 @@ def create_views(con: duckdb.DuckDBPyConnection, location: storage.Location, end
       rows it replaces or prunes hidden, whether the supersede step removed them already or not
       (and of a file it rewrote under a new name, only the new one).
     """
-    pending = pending_changes(location, endpoint)
+    pending = pending_changes(out)
     for name, schema in tables.TABLES.items():
-        present = tables.list_table_files(location, name, endpoint)
+        present = out.list_table_files(name)
         runs = pending.runs
         # A pending run's supersede step writes each file it rewrites under a new name, then
         # deletes the old one: where both exist, the old one is not read (its rows are in the new).
@@ -107,7 +110,7 @@ def create_views(con: duckdb.DuckDBPyConnection, location: storage.Location, end
         files = [f for f in present if f not in pending.hidden and f not in rewritten]
         own = {f"{name}/{run['run_id']}.parquet" for run in runs}
         files = [f for f in files if not any(f.endswith("/" + o) for o in own)] if runs else files
-        parts = _literal_list(location, files)
+        parts = _literal_list(out, files)
         if not runs:
             if not files:
                 # A new OUT, or no face found yet: an empty table with the contract's columns.
@@ -116,7 +119,7 @@ def create_views(con: duckdb.DuckDBPyConnection, location: storage.Location, end
             elif pending.hidden:
                 con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet([{parts}])")
             else:
-                glob = location.join(name).uri().rstrip("/") + "/*.parquet"
+                glob = out.table_glob(name)
                 con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({_sql_string(glob)})")
             continue
         con.register(f"_empty_{name}", schema.empty_table())
@@ -130,15 +133,15 @@ def create_views(con: duckdb.DuckDBPyConnection, location: storage.Location, end
             if source:
                 sql = f"{sql} UNION ALL SELECT * FROM read_parquet({_sql_string(source)})"
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
-    _people_views(con, location, endpoint)
+    _people_views(con, out)
 
 
 def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"  # paths may contain quotes
 
 
-def _literal_list(location: storage.Location, fs_paths: list[str]) -> str:
-    return ", ".join(_sql_string(tables._uri_of(location, p)) for p in fs_paths)
+def _literal_list(out: Out, fs_paths: list[str]) -> str:
+    return ", ".join(_sql_string(out.uri_of(p)) for p in fs_paths)
 
 
 class PendingChanges:
@@ -149,16 +152,15 @@ class PendingChanges:
         self.runs: list[dict] = []  # committed index runs not fully published: where their rows are
 
 
-def pending_changes(location: storage.Location, endpoint: str | None = None) -> PendingChanges:
+def pending_changes(out: Out) -> PendingChanges:
     import pyarrow.fs as pafs
 
     from .config import ConfigError, check_run_id
 
     pending = PendingChanges()
-    fs = storage.arrow_filesystem(location, endpoint)
-    staging = location.join("_staging")
+    staging = out.staging_root()
     try:
-        infos = fs.get_file_info(pafs.FileSelector(staging.fs_path(), recursive=True, allow_not_found=True))
+        infos = out.fs.get_file_info(pafs.FileSelector(staging.fs_path(), recursive=True, allow_not_found=True))
     except OSError as exc:
         raise storage.storage_error("LIST", staging.uri(), exc) from exc
     base = staging.fs_path().rstrip("/") + "/"
@@ -173,19 +175,19 @@ def pending_changes(location: storage.Location, endpoint: str | None = None) -> 
             check_run_id(run_id)
         except ConfigError:
             continue  # not facebatch's: recovery leaves it alone, and so do readers
-        folder = location.join("_staging", run_id)
+        folder = out.staging(run_id)
         if run_id.startswith("compact-") and "compact.json" in names:
-            journal = tables.read_json(fs, folder.join("compact.json"))
+            journal = out.read_json(folder.join("compact.json"))
             if journal is None:
                 continue
-            present = {f for name in tables.TABLES for f in tables.list_table_files(location, name, endpoint)}
+            present = {f for name in tables.TABLES for f in out.list_table_files(name)}
             finals = {item["final"] for item in journal["add"]}
             # The old files go only once every merged file is in place (finish_compaction).
             pending.hidden |= set(journal["remove"]) if finals <= present else finals
         elif not run_id.startswith(("compact-", "people-")) and {"READY", "record.json", "images.parquet"} <= names:
-            published_faces = tables.table_file(location, "faces", run_id)
+            published_faces = out.table_file("faces", run_id)
             try:
-                faces_published = fs.get_file_info(published_faces.fs_path()).type == pafs.FileType.File
+                faces_published = out.fs.get_file_info(published_faces.fs_path()).type == pafs.FileType.File
             except OSError as exc:
                 raise storage.storage_error("HEAD", published_faces.uri(), exc) from exc
             pending.runs.append({
@@ -198,14 +200,14 @@ def pending_changes(location: storage.Location, endpoint: str | None = None) -> 
     return pending
 
 
-def _people_views(con: duckdb.DuckDBPyConnection, location: storage.Location, endpoint: str | None) -> None:
+def _people_views(con: duckdb.DuckDBPyConnection, out: Out) -> None:
     """Views `people` and `face_people`: the committed generation of every pipeline version
     (read through its pointer, so a people run being published is seen whole or not at all)."""
     from .people import PEOPLE_TABLES, current_generations, generation_file
 
-    generations = current_generations(location, endpoint)
+    generations = current_generations(out)
     for name, schema in PEOPLE_TABLES.items():
-        uris = [generation_file(location, pointer, name).uri() for pointer in generations.values()]
+        uris = [generation_file(out, pointer, name).uri() for pointer in generations.values()]
         if not uris:
             con.register(f"_empty_{name}", schema.empty_table())
             con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM _empty_{name}")

@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
-import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +29,7 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .config import ConfigError, check_run_id
+from .out import Heartbeat, Out, fault_point, is_live
 
 EMBEDDING_DIM = 128
 
@@ -89,70 +86,6 @@ class StagedTable:
     last_id: str | None = None
 
 
-# A staging folder whose heartbeat is younger than this belongs to a live run: recovery leaves it.
-HEARTBEAT_SECONDS = 30
-STALE_AFTER_SECONDS = 300
-
-
-class Heartbeat:
-    """Touches OUT/_staging/<run_id>/HEARTBEAT every 30 s while a run writes, so that a second
-    run started on the same OUT does not mistake the live run's staging for a crash's leftovers."""
-
-    def __init__(self, fs: pafs.FileSystem, location: storage.Location):
-        self.fs, self.location = fs, location
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None  # stop() is safe even if the first beat fails
-        try:
-            self._beat()
-        except OSError as exc:
-            raise storage.storage_error("write heartbeat", location.uri(), exc) from exc
-        _ACTIVE_HEARTBEATS.add(self)
-        self._thread = threading.Thread(target=self._loop, name="facebatch-heartbeat", daemon=True)
-        self._thread.start()
-
-    def _beat(self) -> None:
-        # write_json replaces the file in one step, so a reader never sees half a heartbeat.
-        write_json(self.fs, self.location, {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
-
-    def _loop(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
-            try:
-                self._beat()
-            except OSError:
-                pass  # a missed beat only matters after STALE_AFTER_SECONDS of them
-
-    def stop(self) -> None:
-        """Stop beating. Idempotent, and safe whatever state the heartbeat is in."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        _ACTIVE_HEARTBEATS.discard(self)
-
-
-_ACTIVE_HEARTBEATS: set[Heartbeat] = set()
-
-
-def active_heartbeats() -> set[Heartbeat]:
-    return set(_ACTIVE_HEARTBEATS)
-
-
-def _is_live(fs: pafs.FileSystem, out: storage.Location, run_id: str) -> bool:
-    """Is the run that owns this staging folder still running?"""
-    beat = read_json(fs, staging_location(out, run_id, "HEARTBEAT"))
-    if not beat:
-        return False
-    if beat.get("host") == socket.gethostname():
-        # Same machine: the driver's process answers for itself (a SIGKILLed driver is dead at once).
-        try:
-            os.kill(int(beat["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return beat["pid"] != os.getpid()
-    return time.time() - float(beat.get("time", 0)) < STALE_AFTER_SECONDS
-
-
 @dataclass
 class RunWriter:
     """Streams a run's rows into one staged Parquet file per table, sorted by image_id.
@@ -161,22 +94,17 @@ class RunWriter:
     checked, because the row-group statistics that make lookups cheap rely on it.
     """
 
-    out: storage.Location
+    out: Out
     run_id: str
-    endpoint: str | None = None
     row_group_size: int = 50_000
-    fs: pafs.FileSystem = field(init=False)
     staged: dict[str, StagedTable] = field(default_factory=dict)
     _buffers: dict[str, list[pa.Table]] = field(default_factory=dict)
     _buffered_rows: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_run_id(self.run_id)
-        self.fs = storage.arrow_filesystem(self.out, self.endpoint)
         # The heartbeat comes first: a staging folder without one looks abandoned to other runs.
-        heartbeat = staging_location(self.out, self.run_id, "HEARTBEAT")
-        ensure_parent_dir(self.fs, self.out, heartbeat.fs_path())
-        self.heartbeat = Heartbeat(self.fs, heartbeat)
+        self.heartbeat = Heartbeat.start(self.out, self.run_id)
         try:
             self._open_writers()
         except BaseException:
@@ -185,12 +113,12 @@ class RunWriter:
 
     def _open_writers(self) -> None:
         for name, schema in TABLES.items():
-            path = staging_location(self.out, self.run_id, name).fs_path()
-            ensure_parent_dir(self.fs, self.out, path)
+            path = self.out.staged_table(self.run_id, name).fs_path()
+            self.out.ensure_parent_dir(path)
             writer = pq.ParquetWriter(
                 path,
                 schema,
-                filesystem=self.fs,
+                filesystem=self.out.fs,
                 compression="zstd",
                 write_statistics=True,
                 # Embeddings are incompressible floats; dictionary pages would only cost time.
@@ -232,8 +160,8 @@ class RunWriter:
             self.staged[name].writer.close()
         # The READY marker says both staged files are complete: a crash after this point is
         # finished by the next run's recovery instead of discarded.
-        ready = staging_location(self.out, self.run_id, "READY").fs_path()
-        with self.fs.open_output_stream(ready) as fh:
+        ready = self.out.ready_marker(self.run_id).fs_path()
+        with self.out.fs.open_output_stream(ready) as fh:
             fh.write(json.dumps({name: s.rows for name, s in self.staged.items()}).encode())
         return {name: s.rows for name, s in self.staged.items()}
 
@@ -245,55 +173,7 @@ class RunWriter:
             except OSError:
                 pass  # the folder is deleted below; recovery discards it should that fail too
         self.heartbeat.stop()
-        _delete_tree(self.fs, self.out.join("_staging", self.run_id))
-
-
-def staging_location(out: storage.Location, run_id: str, name: str) -> storage.Location:
-    filename = name if name in ("READY", "HEARTBEAT") else f"{name}.parquet"
-    return out.join("_staging", run_id, filename)
-
-
-def table_file(out: storage.Location, name: str, run_id: str) -> storage.Location:
-    return out.join(name, f"{run_id}.parquet")
-
-
-def _move(out: storage.Location, src: storage.Location, dst: storage.Location, endpoint: str | None) -> None:
-    """Move one file so that it appears at dst whole or not at all; a missing src means done already."""
-    if out.is_s3:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        client = storage.s3_client(endpoint)
-        try:
-            client.head_object(Bucket=src.bucket, Key=src.path)
-        except ClientError as exc:
-            if storage.is_not_found(exc):
-                return  # moved by an earlier attempt
-            # Throttling, 5xx, no access: the publish fails and the next run finishes it.
-            raise storage.storage_error("HEAD", src.uri(), exc) from exc
-        except BotoCoreError as exc:
-            raise storage.storage_error("HEAD", src.uri(), exc) from exc
-        try:
-            # Managed copy: multipart for objects over 5 GB; the destination appears on completion.
-            client.copy({"Bucket": src.bucket, "Key": src.path}, dst.bucket, dst.path)
-        except (ClientError, BotoCoreError) as exc:
-            raise storage.storage_error(f"COPY {src.uri()} ->", dst.uri(), exc) from exc
-        try:
-            client.delete_object(Bucket=src.bucket, Key=src.path)
-        except (ClientError, BotoCoreError) as exc:
-            raise storage.storage_error("DELETE", src.uri(), exc) from exc
-        return
-    import os
-
-    if not os.path.exists(src.path):
-        return
-    os.makedirs(os.path.dirname(dst.path), exist_ok=True)
-    os.replace(src.path, dst.path)  # atomic rename within one filesystem
-
-
-def fault_point(name: str) -> None:
-    """Crash-safety tests set FACEBATCH_FAULT_POINT=<name> to SIGKILL the driver exactly here."""
-    if os.environ.get("FACEBATCH_FAULT_POINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+        self.out.delete_tree(self.out.staging(self.run_id))
 
 
 # What a run replaces, staged beside its files by the driver (image_id + pipeline_version of every
@@ -304,9 +184,9 @@ REPLACED_FILE = "replaced.parquet"
 PRUNE_FILE = "prune.parquet"
 
 
-def _read_ids(fs: pafs.FileSystem, location: storage.Location, columns: list[str]) -> pa.Table | None:
+def _read_ids(out: Out, location: storage.Location, columns: list[str]) -> pa.Table | None:
     try:
-        return pq.read_table(location.fs_path(), columns=columns, filesystem=fs)
+        return pq.read_table(location.fs_path(), columns=columns, filesystem=out.fs)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -349,8 +229,7 @@ class SupersedeStats:
     row_groups_total: int = 0
 
 
-def remove_superseded(out: storage.Location, run_id: str, endpoint: str | None = None,
-                      stats: SupersedeStats | None = None) -> int:
+def remove_superseded(out: Out, run_id: str, stats: SupersedeStats | None = None) -> int:
     """Remove from older published files the rows this staged run replaces or prunes.
 
     Runs before the run's own files are published, so a reader never sees two versions of an
@@ -368,17 +247,16 @@ def remove_superseded(out: storage.Location, run_id: str, endpoint: str | None =
     old file again to the same new name (same content) and deletes it. The whole step is
     idempotent. Returns the number of rows removed.
     """
-    fs = storage.arrow_filesystem(out, endpoint)
     stats = stats if stats is not None else SupersedeStats()
-    staged_images = staging_location(out, run_id, "images")
-    replaced = _read_ids(fs, out.join("_staging", run_id, REPLACED_FILE), ["image_id", "pipeline_version"])
+    staged_images = out.staged_table(run_id, "images")
+    replaced = _read_ids(out, out.staging(run_id, REPLACED_FILE), ["image_id", "pipeline_version"])
     if replaced is None:
-        replaced = _read_ids(fs, staged_images, ["image_id", "pipeline_version"])
+        replaced = _read_ids(out, staged_images, ["image_id", "pipeline_version"])
         if replaced is None:
             return 0  # already published: its supersede step ran before
-    elif _num_rows(fs, staged_images) is None:
+    elif out.num_rows(staged_images) is None:
         return 0  # already published
-    pruned_table = _read_ids(fs, out.join("_staging", run_id, PRUNE_FILE), ["image_id"])
+    pruned_table = _read_ids(out, out.staging(run_id, PRUNE_FILE), ["image_id"])
     pruned = _sorted_unique(pruned_table["image_id"]) if pruned_table is not None else []
     replaced_keys = set(zip(replaced["image_id"].to_pylist(), replaced["pipeline_version"].to_pylist()))
     replaced_ids = sorted({i for i, _ in replaced_keys})
@@ -386,19 +264,19 @@ def remove_superseded(out: storage.Location, run_id: str, endpoint: str | None =
     if not replaced_ids and not pruned:
         return 0
     for name in ("images", "faces"):
-        for path in list_table_files(out, name, endpoint):
+        for path in out.list_table_files(name):
             base = path.rsplit("/", 1)[1]
             if base == f"{run_id}.parquet":
                 continue
-            stats.rows_removed += _supersede_file(fs, out, run_id, name, path, replaced_ids, replaced_keys, pruned, stats)
+            stats.rows_removed += _supersede_file(out, run_id, name, path, replaced_ids, replaced_keys, pruned, stats)
     return stats.rows_removed
 
 
-def _supersede_file(fs: pafs.FileSystem, out: storage.Location, run_id: str, name: str, path: str,
+def _supersede_file(out: Out, run_id: str, name: str, path: str,
                     replaced_ids: list[str], replaced_keys: set, pruned: list[str], stats: SupersedeStats) -> int:
-    uri = _uri_of(out, path)
+    uri = out.uri_of(path)
     try:
-        parquet = pq.ParquetFile(path, filesystem=fs)
+        parquet = pq.ParquetFile(path, filesystem=out.fs)
     except FileNotFoundError:
         return 0  # deleted meanwhile by an earlier attempt of this step
     except OSError as exc:
@@ -432,7 +310,7 @@ def _supersede_file(fs: pafs.FileSystem, out: storage.Location, run_id: str, nam
         removed = sum(pc.sum(m).as_py() for m in hits.values())
         kept_rows = meta.num_rows - removed
         if kept_rows == 0:
-            delete_file(fs, path, uri)
+            out.delete_file(path)
             stats.files_deleted += 1
             return removed
         folder, base = path.rsplit("/", 1)
@@ -441,10 +319,10 @@ def _supersede_file(fs: pafs.FileSystem, out: storage.Location, run_id: str, nam
             # An S3 object (multipart upload) appears whole on completion, so the new key is written directly.
             target = f"{folder}/{new_base}"
         else:
-            target = out.join("_staging", run_id, f"rewrite-{name}-{new_base}").fs_path()
-            ensure_parent_dir(fs, out, target)
+            target = out.staging(run_id, f"rewrite-{name}-{new_base}").fs_path()
+            out.ensure_parent_dir(target)
         row_group_rows = meta.row_group(0).num_rows
-        with pq.ParquetWriter(target, parquet.schema_arrow, filesystem=fs, compression="zstd",
+        with pq.ParquetWriter(target, parquet.schema_arrow, filesystem=out.fs, compression="zstd",
                               write_statistics=True) as writer:
             # One row group at a time: memory is one row group, whatever the file's size.
             for i in range(meta.num_row_groups):
@@ -458,128 +336,44 @@ def _supersede_file(fs: pafs.FileSystem, out: storage.Location, run_id: str, nam
     if not out.is_s3:
         os.replace(target, f"{folder}/{new_base}")  # atomic rename within one filesystem
     stats.files_rewritten += 1
-    delete_file(fs, path, uri)
+    out.delete_file(path)
     return removed
 
 
-def publish_run(out: storage.Location, run_id: str, record: dict[str, Any], endpoint: str | None = None,
-                heartbeat: "Heartbeat | None" = None) -> None:
+def publish_run(out: Out, run_id: str, record: dict[str, Any], heartbeat: Heartbeat | None = None) -> None:
     """Make a staged run visible (faces, then images), then write its run record. Idempotent.
 
     The run's heartbeat (when given) keeps beating while it publishes, so that no other run takes
     a slow publish for an abandoned one; it stops just before the staging folder is deleted."""
-    fs = storage.arrow_filesystem(out, endpoint)
     supersede = SupersedeStats()
-    remove_superseded(out, run_id, endpoint, supersede)
+    remove_superseded(out, run_id, supersede)
     record = dict(record, superseded_rows_removed=supersede.rows_removed,
                   superseded_files_rewritten=supersede.files_rewritten,
                   superseded_row_groups_probed=supersede.row_groups_probed)
     fault_point("publish-after-supersede")
     for name in ("faces", "images"):
-        staged = staging_location(out, run_id, name)
-        if _num_rows(fs, staged) == 0:
+        staged = out.staged_table(run_id, name)
+        if out.num_rows(staged) == 0:
             continue  # nothing new (a quiet night): no empty files in the table folders
-        _move(out, staged, table_file(out, name, run_id), endpoint)
+        out.move(staged, out.table_file(name, run_id))
         fault_point(f"publish-after-{name}")
     record = dict(record, state="published", published_at=time.time())
-    write_json(fs, out.join("_runs", f"{run_id}.json"), record)
+    out.write_json(out.run_record(run_id), record)
     if heartbeat is not None:
         heartbeat.stop()
-    _delete_tree(fs, out.join("_staging", run_id))
+    out.delete_tree(out.staging(run_id))
 
 
-def ensure_parent_dir(fs: pafs.FileSystem, location: storage.Location, fs_path: str) -> None:
-    """Local folders must exist before writing; on S3 a "folder" would only add a marker object."""
-    if not location.is_s3:
-        fs.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
-
-
-def _num_rows(fs: pafs.FileSystem, location: storage.Location) -> int | None:
-    try:
-        return pq.ParquetFile(location.fs_path(), filesystem=fs).metadata.num_rows
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise storage.storage_error("read footer of", location.uri(), exc) from exc
-
-
-def write_json(fs: pafs.FileSystem, location: storage.Location, payload: dict[str, Any]) -> None:
-    path = location.fs_path()
-    ensure_parent_dir(fs, location, path)
-    data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
-    if location.is_s3:
-        with fs.open_output_stream(path) as fh:
-            fh.write(data)
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    import os
-
-    os.replace(tmp, path)
-
-
-# pyarrow reads a small object into a buffer the size of the object; when S3 answers the GET with
-# an error whose XML body is larger (a 503 SlowDown for a 25-byte READY marker), the SDK reports
-# "Failed to flush response stream", which it does not retry. So small JSON reads retry here.
-READ_JSON_ATTEMPTS = 4
-
-
-def read_json(fs: pafs.FileSystem, location: storage.Location) -> dict[str, Any] | None:
-    """The object's JSON, or None when it does not exist. Any other failure raises StorageError:
-    a failed GET must never read as "absent" (recovery would delete a finished run)."""
-    attempt = 1
-    while True:
-        try:
-            with fs.open_input_stream(location.fs_path()) as fh:
-                return json.loads(fh.read())
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            if attempt == READ_JSON_ATTEMPTS:
-                raise storage.storage_error("GET", location.uri(), exc) from exc
-        time.sleep(0.2 * 2 ** (attempt - 1) * (0.5 + random.random()))
-        attempt += 1
-
-
-def file_type(fs: pafs.FileSystem, out: storage.Location, fs_path: str) -> pafs.FileType:
-    """What is at fs_path (NotFound when nothing); a failed HEAD raises StorageError naming it."""
-    try:
-        return fs.get_file_info(fs_path).type
-    except OSError as exc:
-        raise storage.storage_error("HEAD", out.at_fs_path(fs_path).uri(), exc) from exc
-
-
-def delete_file(fs: pafs.FileSystem, fs_path: str, uri: str) -> None:
-    """Delete one object; already gone is fine, any other failure raises StorageError."""
-    try:
-        fs.delete_file(fs_path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise storage.storage_error("DELETE", uri, exc) from exc
-
-
-def _delete_tree(fs: pafs.FileSystem, location: storage.Location) -> None:
-    try:
-        fs.delete_dir(location.fs_path())
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise storage.storage_error("DELETE folder", location.uri(), exc) from exc
-
-
-def recover_staging(out: storage.Location, endpoint: str | None = None) -> list[dict[str, str]]:
+def recover_staging(out: Out) -> list[dict[str, str]]:
     """Finish or discard what crashed runs left in OUT/_staging. Idempotent; returns what it did.
 
     A run whose staged files were complete (READY marker present) is published with the record
     it staged; anything else is partial and deleted.
     """
-    fs = storage.arrow_filesystem(out, endpoint)
     actions: list[dict[str, str]] = []
-    staging = out.join("_staging")
+    staging = out.staging_root()
     try:
-        entries = fs.get_file_info(pafs.FileSelector(staging.fs_path(), allow_not_found=True))
+        entries = out.fs.get_file_info(pafs.FileSelector(staging.fs_path(), allow_not_found=True))
     except FileNotFoundError:
         return actions
     except OSError as exc:
@@ -594,59 +388,43 @@ def recover_staging(out: storage.Location, endpoint: str | None = None) -> list[
             # Not made by facebatch (or a hostile name): never turned into paths to publish or delete.
             actions.append({"run_id": run_id, "action": "left alone: not a run id"})
             continue
-        if _is_live(fs, out, run_id):
+        if is_live(out, run_id):
             actions.append({"run_id": run_id, "action": "left alone: another run is writing it"})
             continue
         if run_id.startswith("people-"):
             from .people import finish_people_swap
 
-            finished = finish_people_swap(out, run_id, endpoint)
+            finished = finish_people_swap(out, run_id)
             if not finished:
-                _delete_tree(fs, out.join("_staging", run_id))
+                out.delete_tree(out.staging(run_id))
             actions.append({"run_id": run_id, "action": "finished people run" if finished else "discarded people run"})
             continue
         if run_id.startswith("compact-"):
             from .compact import finish_compaction
 
-            finished = finish_compaction(out, run_id, endpoint)
+            finished = finish_compaction(out, run_id)
             if not finished:
-                _delete_tree(fs, out.join("_staging", run_id))
+                out.delete_tree(out.staging(run_id))
             actions.append({"run_id": run_id, "action": "finished compaction" if finished else "discarded compaction"})
             continue
-        ready = read_json(fs, staging_location(out, run_id, "READY"))
-        staged_record = read_json(fs, out.join("_staging", run_id, "record.json"))
+        ready = out.read_json(out.ready_marker(run_id))
+        staged_record = out.read_json(out.staged_record(run_id))
         if ready is not None and staged_record is not None:
             staged_record["recovered"] = True
-            publish_run(out, run_id, staged_record, endpoint)
+            publish_run(out, run_id, staged_record)
             actions.append({"run_id": run_id, "action": "published"})
         else:
-            _delete_tree(fs, out.join("_staging", run_id))
+            out.delete_tree(out.staging(run_id))
             actions.append({"run_id": run_id, "action": "discarded"})
     return actions
 
 
-def _uri_of(out: storage.Location, fs_path: str) -> str:
-    return f"s3://{fs_path}" if out.is_s3 else fs_path
-
-
-def table_glob(out: storage.Location, name: str) -> str:
-    return out.join(name).uri().rstrip("/") + "/*.parquet"
-
-
-def list_table_files(out: storage.Location, name: str, endpoint: str | None = None) -> list[str]:
-    """fs paths of the published Parquet files of one table."""
-    fs = storage.arrow_filesystem(out, endpoint)
-    infos = fs.get_file_info(pafs.FileSelector(out.join(name).fs_path(), allow_not_found=True))
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
-
-
-def read_existing_images(out: storage.Location, columns: list[str], endpoint: str | None = None) -> pa.Table:
+def read_existing_images(out: Out, columns: list[str]) -> pa.Table:
     """The published images rows (selected columns) across all runs; empty when OUT is new."""
-    files = list_table_files(out, "images", endpoint)
+    files = out.list_table_files("images")
     if not files:
         return IMAGES_SCHEMA.empty_table().select(columns)
-    fs = storage.arrow_filesystem(out, endpoint)
     import pyarrow.dataset as ds
 
-    dataset = ds.dataset(files, schema=IMAGES_SCHEMA, filesystem=fs, format="parquet")
+    dataset = ds.dataset(files, schema=IMAGES_SCHEMA, filesystem=out.fs, format="parquet")
     return dataset.to_table(columns=columns)

@@ -49,18 +49,18 @@ def visible(out: Path | str) -> tuple[list, list]:
 
 
 def visible_s3(out: str) -> tuple[list, list]:
-    from facebatch import storage, tables
+    from facebatch.out import Out
     from facebatch.query import configure_s3
 
     con = duckdb.connect()
     configure_s3(con)
-    location = storage.parse_location(out)
+    location = Out.from_uri(out)
     result = []
     for name, cols in COLUMNS:
-        if not tables.list_table_files(location, name):
+        if not location.list_table_files(name):
             result.append([])
             continue
-        result.append(con.sql(f"SELECT {cols} FROM read_parquet('{tables.table_glob(location, name)}') ORDER BY ALL").fetchall())
+        result.append(con.sql(f"SELECT {cols} FROM read_parquet('{location.table_glob(name)}') ORDER BY ALL").fetchall())
     return result[0], result[1]
 
 

@@ -51,7 +51,9 @@ from itertools import count
 import pyarrow as pa
 import pytest
 
+import facebatch.out as out_module
 from facebatch import storage, tables
+from facebatch.out import Out
 from faulty_proxy import DROP, FaultyS3Proxy
 from test_tables_plan import _faces_rows, _images_rows
 
@@ -72,14 +74,14 @@ def env(s3_server):
     survived."""
     s3_server.client().create_bucket(Bucket=BUCKET)
     proxy = FaultyS3Proxy(s3_server.endpoint)
-    saved = os.environ.get("FACEBATCH_S3_MAX_ATTEMPTS"), tables.READ_JSON_ATTEMPTS
+    saved = os.environ.get("FACEBATCH_S3_MAX_ATTEMPTS"), out_module.READ_JSON_ATTEMPTS
     os.environ["FACEBATCH_S3_MAX_ATTEMPTS"] = "2"
-    tables.READ_JSON_ATTEMPTS = 2
+    out_module.READ_JSON_ATTEMPTS = 2
     try:
         yield proxy, s3_server
     finally:
         proxy.stop()
-        tables.READ_JSON_ATTEMPTS = saved[1]
+        out_module.READ_JSON_ATTEMPTS = saved[1]
         if saved[0] is None:
             os.environ.pop("FACEBATCH_S3_MAX_ATTEMPTS", None)
         else:
@@ -100,14 +102,14 @@ def fresh_clients() -> None:
 
 def stage_run(out, run_id, images, faces, ep, record=True):
     """A run that wrote all its rows (READY, and its record unless record=False) and was not published."""
-    writer = tables.RunWriter(out, run_id, ep)
+    writer = tables.RunWriter(Out(out, ep), run_id)
     if faces:
         writer.write("faces", _faces_table(faces, run_id))
     writer.write("images", _images_rows([i for i, _ in images], [e for _, e in images], ["ok"] * len(images), VERSION, run_id))
     writer.close()
     writer.heartbeat.stop()
     if record:
-        tables.write_json(writer.fs, out.join("_staging", run_id, "record.json"), {"run_id": run_id})
+        writer.out.write_json(out.join("_staging", run_id, "record.json"), {"run_id": run_id})
 
 
 def _faces_table(faces, run_id):
@@ -121,7 +123,7 @@ def _faces_table(faces, run_id):
 
 def publish_run(out, run_id, images, faces, ep):
     stage_run(out, run_id, images, faces, ep)
-    tables.publish_run(out, run_id, {"run_id": run_id}, ep)
+    tables.publish_run(Out(out, ep), run_id, {"run_id": run_id})
 
 
 RUN0_IMAGES = [("a", "e0"), ("b", "e0"), ("c", "e0")]
@@ -137,21 +139,21 @@ def setup_publish(out, ep):
 
 
 def act_publish(out, ep):
-    tables.publish_run(out, "run-1", {"run_id": "run-1"}, ep)
+    tables.publish_run(Out(out, ep), "run-1", {"run_id": "run-1"})
 
 
 def setup_recovery(out, ep):
     """run-1 finished writing and its driver died; run-2 died while writing (no READY): recovery
     publishes the first and discards the second."""
     setup_publish(out, ep)
-    fs = storage.arrow_filesystem(out, ep)
-    tables.write_json(fs, out.join("_staging", "run-2", "HEARTBEAT"), {"host": "gone", "pid": 1, "time": 0})
-    with fs.open_output_stream(out.join("_staging", "run-2", "images.parquet").fs_path()) as fh:
+    at = Out(out, ep)
+    at.write_json(out.join("_staging", "run-2", "HEARTBEAT"), {"host": "gone", "pid": 1, "time": 0})
+    with at.fs.open_output_stream(out.join("_staging", "run-2", "images.parquet").fs_path()) as fh:
         fh.write(b"partial")
 
 
 def act_recovery(out, ep):
-    tables.recover_staging(out, ep)
+    tables.recover_staging(Out(out, ep))
 
 
 def setup_compaction(out, ep):
@@ -163,7 +165,7 @@ def setup_compaction(out, ep):
 def act_compaction(out, ep):
     from facebatch.compact import compact
 
-    compact(out.uri(), endpoint=ep)
+    compact(Out(out, ep))
 
 
 def _people_generation(run_id, persons):
@@ -188,9 +190,10 @@ def _stage_people(out, run_id, persons, ep):
     from facebatch.people import current_generations, stage_and_publish
 
     people, face_people = _people_generation(run_id, persons)
-    previous = current_generations(out, ep).get(VERSION)
-    stage_and_publish(out, run_id, VERSION, people, face_people, f"faiss:{run_id}".encode(), {"run_id": run_id, "kind": "people"},
-                      previous, len(persons), None, None, ep, {}, time.perf_counter())
+    at = Out(out, ep)
+    previous = current_generations(at).get(VERSION)
+    stage_and_publish(at, run_id, VERSION, people, face_people, f"faiss:{run_id}".encode(), {"run_id": run_id, "kind": "people"},
+                      previous, len(persons), None, None, {}, time.perf_counter())
 
 
 def setup_people(out, ep):
@@ -203,14 +206,14 @@ def act_people(out, ep):
 
 
 def next_index_run(out, ep):
-    tables.recover_staging(out, ep)
+    tables.recover_staging(Out(out, ep))
 
 
 def next_people_run(out, ep):
     from facebatch.people import current_generations
 
-    tables.recover_staging(out, ep)
-    if current_generations(out, ep)[VERSION]["run_id"] != "people-2":
+    tables.recover_staging(Out(out, ep))
+    if current_generations(Out(out, ep))[VERSION]["run_id"] != "people-2":
         act_people(out, ep)  # the failed run left nothing committed: the next people run does it again
 
 
@@ -243,9 +246,9 @@ def visible(out, ep) -> dict[str, list[tuple]]:
 
     con = _duckdb.get(ep)
     if con is None:
-        con = _duckdb[ep] = connect(out.uri(), ep)
+        con = _duckdb[ep] = connect(Out(out, ep))
     else:
-        create_views(con, out, ep)
+        create_views(con, Out(out, ep))
     return {name: sorted(con.sql(f"SELECT {cols} FROM {name}").fetchall()) for name, cols in COLUMNS.items()}
 
 

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from facebatch import storage, tables
+from facebatch import tables
+from facebatch.out import Out
 from facebatch.config import ConfigError, IndexConfig
 from facebatch.plan import build_plan
 from test_tables_plan import _faces_rows, _images_rows, _publish
@@ -149,41 +150,39 @@ def test_plan_reads_the_published_images_on_s3_through_duckdb(s3_server, tmp_pat
 
 def _compacted(out, n_files=3, rows_per_file=3000, row_group=500, version="v1-test"):
     """A compacted-like index: sorted files, several row groups each, faces for every image."""
-    location = storage.parse_location(out)
-    fs = storage.arrow_filesystem(location)
+    location = Out.from_uri(out)
     ids = [f"/p/{i:06d}.jpg" for i in range(n_files * rows_per_file)]
     for f in range(n_files):
         part = ids[f * rows_per_file:(f + 1) * rows_per_file]
         for name, table in (("images", _images_rows(part, ["e"] * len(part), ["ok"] * len(part), version, "old")),
                             ("faces", _faces_rows(part, version, "old"))):
             path = location.join(name, f"compact-x-{f:05d}.parquet").fs_path()
-            tables.ensure_parent_dir(fs, location, path)
+            location.ensure_parent_dir(path)
             pq.write_table(table.cast(tables.TABLES[name]), path, row_group_size=row_group)
     return ids
 
 
 def test_superseding_reads_only_row_groups_that_can_hold_replaced_ids(tmp_path):
     out = str(tmp_path / "out")
-    location = storage.parse_location(out)
+    location = Out.from_uri(out)
     ids = _compacted(out)
     # The run: 2 changed objects (in file 1), 1 pruned (in file 2), 50 new (after every old id).
     changed = [ids[3100], ids[3101]]
     new = [f"/p/z{i:03d}.jpg" for i in range(50)]
     run_ids = sorted(changed + new)
-    writer = tables.RunWriter(location, "run-2", None)
+    writer = tables.RunWriter(location, "run-2")
     writer.write("faces", _faces_rows(run_ids, run_id="run-2"))
     writer.write("images", _images_rows(run_ids, ["new"] * len(run_ids), ["ok"] * len(run_ids), run_id="run-2"))
     writer.close()
-    fs = storage.arrow_filesystem(location)
     pq.write_table(pa.table({"image_id": changed, "pipeline_version": ["v1-test"] * 2}),
                    location.join("_staging", "run-2", tables.REPLACED_FILE).fs_path())
     pq.write_table(pa.table({"image_id": [ids[7000]]}), location.join("_staging", "run-2", tables.PRUNE_FILE).fs_path())
     stats = tables.SupersedeStats()
-    assert tables.remove_superseded(location, "run-2", None, stats) == 2 * 2 + 2  # images + faces rows
+    assert tables.remove_superseded(location, "run-2", stats) == 2 * 2 + 2  # images + faces rows
     # 6 row groups per file x 3 files x 2 tables; the run's ids fall in one row group of two files.
     assert stats.row_groups_total == 36 and stats.row_groups_probed == 4
     assert stats.files_rewritten == 4
-    names = sorted(p.rsplit("/", 1)[1] for p in tables.list_table_files(location, "images"))
+    names = sorted(p.rsplit("/", 1)[1] for p in location.list_table_files("images"))
     assert names == ["compact-x-00000.parquet", "compact-x-00001-rrun-2.parquet", "compact-x-00002-rrun-2.parquet"]
     tables.publish_run(location, "run-2", {"run_id": "run-2"})
     con = duckdb.connect()

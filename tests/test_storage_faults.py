@@ -7,6 +7,7 @@ import time
 import pytest
 
 from facebatch import storage
+from facebatch.out import Out
 from faulty_proxy import FaultyS3Proxy
 
 
@@ -180,7 +181,7 @@ def test_throttling_everywhere_ends_with_the_tables_of_a_clean_run(s3_server, tm
         again = index("s3://throttled/slow", proxy.endpoint)  # planning against the published tables
         assert again.returncode == 0 and "processed 0 images" in again.stdout, again.stderr[-3000:]
         assert tables_of("s3://throttled/slow", proxy.endpoint) == expected  # DuckDB's reads, throttled
-        compact("s3://throttled/slow", endpoint=proxy.endpoint)
+        compact(Out.from_uri("s3://throttled/slow", proxy.endpoint))
         assert tables_of("s3://throttled/slow", proxy.endpoint) == expected
         throttled = proxy.throttled
     finally:

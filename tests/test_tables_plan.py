@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from facebatch import storage, tables
+from facebatch.out import Out
 from facebatch.config import ConfigError, IndexConfig
 from facebatch.plan import build_plan
 
@@ -57,12 +58,12 @@ def _faces_rows(ids, version="v1-test", run_id="r1"):
 
 
 def _publish(out: str, run_id: str, ids, etags, statuses, version="v1-test", endpoint=None):
-    location = storage.parse_location(out)
-    writer = tables.RunWriter(location, run_id, endpoint)
+    location = Out.from_uri(out, endpoint)
+    writer = tables.RunWriter(location, run_id)
     writer.write("faces", _faces_rows([i for i, s in zip(ids, statuses) if s == "ok"], version, run_id))
     writer.write("images", _images_rows(ids, etags, statuses, version, run_id))
     writer.close()
-    tables.publish_run(location, run_id, {"run_id": run_id}, endpoint)
+    tables.publish_run(location, run_id, {"run_id": run_id})
 
 
 def test_local_listing_is_sorted_and_skips_hidden(tmp_path):
@@ -147,7 +148,7 @@ def test_incremental_classification(tmp_path):
 
 def test_writer_publishes_sorted_files_with_statistics(tmp_path):
     out = str(tmp_path / "out")
-    location = storage.parse_location(out)
+    location = Out.from_uri(out)
     writer = tables.RunWriter(location, "run-a", row_group_size=1000)
     ids = [f"img-{i:05d}" for i in range(2500)]
     for start in range(0, 2500, 700):
@@ -158,9 +159,9 @@ def test_writer_publishes_sorted_files_with_statistics(tmp_path):
         writer.write("images", _images_rows(["img-00001"], ["e"], ["ok"], run_id="run-a"))
     assert writer.close() == {"images": 2500, "faces": 2500}
     # Staged files are invisible to *.parquet globs until published.
-    assert tables.list_table_files(location, "faces") == []
+    assert location.list_table_files("faces") == []
     tables.publish_run(location, "run-a", {"run_id": "run-a"})
-    files = tables.list_table_files(location, "faces")
+    files = location.list_table_files("faces")
     assert [f.rsplit("/", 1)[1] for f in files] == ["run-a.parquet"]
     meta = pq.ParquetFile(files[0]).metadata
     assert meta.num_row_groups >= 2
@@ -174,20 +175,19 @@ def test_writer_publishes_sorted_files_with_statistics(tmp_path):
 
 
 def test_recovery_publishes_complete_runs_and_discards_partial_ones(tmp_path):
-    location = storage.parse_location(str(tmp_path / "out"))
+    location = Out.from_uri(str(tmp_path / "out"))
     # Run 1 staged completely (READY + record) but died before publishing.
     w = tables.RunWriter(location, "run-1")
     w.write("faces", _faces_rows(["a"], run_id="run-1"))
     w.write("images", _images_rows(["a"], ["e"], ["ok"], run_id="run-1"))
     w.close()
-    fs = storage.arrow_filesystem(location)
-    tables.write_json(fs, location.join("_staging", "run-1", "record.json"), {"run_id": "run-1"})
+    location.write_json(location.join("_staging", "run-1", "record.json"), {"run_id": "run-1"})
     # Run 2 died while writing (no READY marker).
     w2 = tables.RunWriter(location, "run-2")
     w2.write("images", _images_rows(["b"], ["e"], ["ok"], run_id="run-2"))
     actions = tables.recover_staging(location)
     assert sorted((a["run_id"], a["action"]) for a in actions) == [("run-1", "published"), ("run-2", "discarded")]
-    assert [f.rsplit("/", 1)[1] for f in tables.list_table_files(location, "images")] == ["run-1.parquet"]
+    assert [f.rsplit("/", 1)[1] for f in location.list_table_files("images")] == ["run-1.parquet"]
     assert tables.recover_staging(location) == []  # idempotent
 
 
@@ -203,8 +203,8 @@ def test_s3_listing_pagination_and_publish(s3_server):
     assert all(o.size == 1 and o.etag for o in listed)
 
     _publish("s3://listing/index", "run-s3", ["s3://listing/photos/0/img-0000.jpg"], ["e"], ["ok"])
-    location = storage.parse_location("s3://listing/index")
-    assert [f.rsplit("/", 1)[1] for f in tables.list_table_files(location, "images")] == ["run-s3.parquet"]
+    location = Out.from_uri("s3://listing/index")
+    assert [f.rsplit("/", 1)[1] for f in location.list_table_files("images")] == ["run-s3.parquet"]
     from facebatch.query import connect
 
     con = connect("s3://listing/index")
@@ -214,7 +214,7 @@ def test_s3_listing_pagination_and_publish(s3_server):
 
 def test_changed_objects_replace_their_rows_and_prune_removes_deleted(tmp_path):
     out = str(tmp_path / "out")
-    location = storage.parse_location(out)
+    location = Out.from_uri(out)
     _publish(out, "run-1", ["a", "b", "c"], ["e1", "e1", "e1"], ["ok", "ok", "corrupt"])
     _publish(out, "run-0", ["x"], ["e1"], ["ok"], version="v0-older")
     # run-2 reprocesses b (changed) and c (retried); the older rows of b and c must disappear.
@@ -245,12 +245,12 @@ def test_compaction_merges_sorted_and_keeps_every_row(tmp_path):
         _publish(out, f"run-{night}", ids, ["e"] * len(ids), ["ok"] * len(ids))
     con = duckdb.connect()
     before = con.sql(f"SELECT * FROM read_parquet('{out}/faces/*.parquet') ORDER BY image_id").fetchall()
-    report = compact(out, target_rows=150, row_group_size=50)
+    report = compact(Out.from_uri(out), target_rows=150, row_group_size=50)
     assert report["tables"]["faces"] == {"files_before": 8, "files_after": 3, "rows": 400}
     after = con.sql(f"SELECT * FROM read_parquet('{out}/faces/*.parquet') ORDER BY image_id").fetchall()
     assert after == before
-    location = storage.parse_location(out)
-    files = tables.list_table_files(location, "faces")
+    location = Out.from_uri(out)
+    files = location.list_table_files("faces")
     ranges = []
     for path in files:
         col = pq.read_table(path, columns=["image_id"])["image_id"].to_pylist()
@@ -258,7 +258,7 @@ def test_compaction_merges_sorted_and_keeps_every_row(tmp_path):
         ranges.append((col[0], col[-1]))
     assert ranges == sorted(ranges) and all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))  # disjoint, ordered
     assert not (tmp_path / "out" / "_staging").exists() or not any((tmp_path / "out" / "_staging").iterdir())
-    assert compact(out)["tables"]["faces"] == {"files_before": 3, "files_after": 1, "rows": 400}
+    assert compact(Out.from_uri(out))["tables"]["faces"] == {"files_before": 3, "files_after": 1, "rows": 400}
 
 
 def test_interrupted_compaction_is_finished_by_the_next_run(tmp_path):
@@ -267,19 +267,19 @@ def test_interrupted_compaction_is_finished_by_the_next_run(tmp_path):
     out = str(tmp_path / "out")
     for night in range(3):
         _publish(out, f"run-{night}", [f"n{night}"], ["e"], ["ok"])
-    location = storage.parse_location(out)
-    fs = storage.arrow_filesystem(location)
+    location = Out.from_uri(out)
+    fs = location.fs
     # Simulate a crash after the journal was written and one file was swapped in.
     staged = location.join("_staging", "compact-x", "faces", "part-00000.parquet")
     (tmp_path / "out" / "_staging" / "compact-x" / "faces").mkdir(parents=True)
-    merged = pa.concat_tables([pq.read_table(f) for f in tables.list_table_files(location, "faces")])
+    merged = pa.concat_tables([pq.read_table(f) for f in location.list_table_files("faces")])
     pq.write_table(merged, staged.fs_path())
-    old = tables.list_table_files(location, "faces")
-    tables.write_json(fs, location.join("_staging", "compact-x", "compact.json"),
+    old = location.list_table_files("faces")
+    location.write_json(location.join("_staging", "compact-x", "compact.json"),
                       {"add": [{"staged": staged.fs_path(), "final": location.join("faces", "compact-x-00000.parquet").fs_path()}], "remove": old})
     fs.delete_file(old[0])  # part of the removal already happened
     assert tables.recover_staging(location) == [{"run_id": "compact-x", "action": "finished compaction"}]
-    assert [p.rsplit("/", 1)[1] for p in tables.list_table_files(location, "faces")] == ["compact-x-00000.parquet"]
+    assert [p.rsplit("/", 1)[1] for p in location.list_table_files("faces")] == ["compact-x-00000.parquet"]
     assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/faces/*.parquet')").fetchone()[0] == 3
     assert not finish_compaction(location, "compact-x")
 
@@ -289,7 +289,7 @@ def test_recovery_leaves_a_live_run_alone(tmp_path):
     import socket
     import subprocess
 
-    location = storage.parse_location(str(tmp_path / "out"))
+    location = Out.from_uri(str(tmp_path / "out"))
     staging = tmp_path / "out" / "_staging" / "run-live"
     staging.mkdir(parents=True)
     (staging / "images.parquet").write_bytes(b"partial")

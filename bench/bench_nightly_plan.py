@@ -7,7 +7,7 @@ Parquet manifest) lists every indexed object plus --new new ones, --changed of t
 ETag, and the benchmark measures, each step in a fresh process:
 
   plan     build_plan(...) (the published images are read by DuckDB under its memory limit)
-  publish  tables.publish_run(...) of a staged run of the planned objects (superseding included)
+  publish  publishing.publish_run(...) of a staged run of the planned objects (superseding included)
 
 for changed objects `scattered` (uniformly over the archive) and `clustered` (one folder).
 Reported: seconds, bytes the process read (rchar of /proc/self/io: every read() of the step, the
@@ -133,7 +133,7 @@ def step(kind: str, source: str, out: str, run_id: str) -> dict:
     """One measured step, in this (fresh) process."""
     import pyarrow as pa
 
-    from facebatch import pipeline, tables
+    from facebatch import pipeline, publishing, tables, writing
     from facebatch.out import Out
     from facebatch.config import IndexConfig
     from facebatch.plan import build_plan
@@ -149,7 +149,7 @@ def step(kind: str, source: str, out: str, run_id: str) -> dict:
             # Stage the run the pipeline would write for the planned objects (not measured).
             from test_tables_plan import _faces_rows, _images_rows
 
-            writer = tables.RunWriter(location, run_id)
+            writer = writing.RunWriter(location, run_id)
             for batch in plan.batches(rows=10_000):
                 ids = batch.column("image_id").to_pylist()
                 writer.write("faces", _faces_rows(ids, VERSION, run_id).cast(tables.FACES_SCHEMA))
@@ -159,12 +159,12 @@ def step(kind: str, source: str, out: str, run_id: str) -> dict:
             pipeline.stage_replaced_ids(plan, VERSION, location, run_id)
         plan.cleanup()
     else:
-        stats = tables.SupersedeStats()
+        stats = publishing.SupersedeStats()
         rss0, r0, t0, c0 = _status_kib('VmRSS') * 1024, _rchar(), time.perf_counter(), _cpu_seconds()
         # publish_run as the pipeline calls it, with the supersede statistics it records.
-        real = tables.remove_superseded
-        tables.remove_superseded = lambda o, r, s=None: real(o, r, stats)  # noqa: E731
-        tables.publish_run(location, run_id, {"run_id": run_id})
+        real = publishing.remove_superseded
+        publishing.remove_superseded = lambda o, r, s=None: real(o, r, stats)  # noqa: E731
+        publishing.publish_run(location, run_id, {"run_id": run_id})
         result.update(seconds=time.perf_counter() - t0, cpu_seconds=_cpu_seconds() - c0, read_bytes=_rchar() - r0, peak_rss=_peak_rss(), rss_before=rss0,
                       rows_removed=stats.rows_removed, files_rewritten=stats.files_rewritten,
                       row_groups_probed=stats.row_groups_probed, row_groups_total=stats.row_groups_total)

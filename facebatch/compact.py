@@ -4,12 +4,13 @@ Nightly runs leave one small file per table per night; lookups then open every f
 rewrites each table as files of about `target_rows` rows, globally sorted by image_id, so each file
 and each row group covers a narrow image_id range and DuckDB/Athena/Spark skip nearly all of them.
 
-Protocol (safe to run while no indexing run writes to OUT):
+Protocol (under OUT's lease, so no indexing or people run writes meanwhile), the journaled swap
+of facebatch/swap.py:
 1. the merged files are written under OUT/_staging/compact-<id>/ (invisible to *.parquet globs);
 2. a journal (compact.json) lists the files to add and the files to remove;
 3. the swap: each new file is moved in (one atomic step each), then the old files are deleted.
 A crash at any point is finished (journal complete) or discarded (no journal) by the next
-`compact` or `index` run. During the swap itself (milliseconds locally, one server-side copy per
+`compact`, `index` or `people` run (recovery.py). During the swap itself (milliseconds locally, one server-side copy per
 file on S3) a reader may see old and new files together; the journal makes that state transient.
 """
 
@@ -24,42 +25,19 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from . import storage, tables
+from . import storage, swap, tables
 from .config import ConfigError
+from .lease import Lease
 from .out import Heartbeat, Out
+from .recovery import recover_staging
 
 SORT_KEYS = {"images": "image_id, pipeline_version", "faces": "image_id, pipeline_version, face_index"}
 
 
 
 def finish_compaction(out: Out, compaction_id: str, heartbeat: Heartbeat | None = None) -> bool:
-    """Complete a journaled swap (idempotent). Returns False when there is no journal."""
-    journal = out.read_json(out.staging(compaction_id, "compact.json"))
-    if journal is None:
-        return False
-    for item in journal["add"]:
-        out.move(out.at_fs_path(item["staged"]), out.at_fs_path(item["final"]))
-    missing = [item["final"] for item in journal["add"] if out.file_type(item["final"]) != pafs.FileType.File]
-    if missing:
-        # Never remove the old files unless every merged file is in place.
-        raise RuntimeError(f"compaction {compaction_id}: merged files missing ({', '.join(missing[:3])}); old files kept")
-    failed = []
-    for old in journal["remove"]:
-        try:
-            out.delete_file(old)
-        except storage.StorageError as exc:
-            failed.append(exc)  # try the others too: fewer duplicates visible until the next attempt
-    if failed:
-        # The journal stays: the next `compact` or `index` finishes the removal. Until then a
-        # reader may see these old files beside the merged ones.
-        raise storage.StorageError(
-            f"compaction {compaction_id}: {len(failed)} old file(s) could not be deleted, the journal is kept "
-            f"for the next run to finish: {failed[0]}"
-        )
-    if heartbeat is not None:
-        heartbeat.stop()
-    out.delete_tree(out.staging(compaction_id))
-    return True
+    """Complete a journaled compaction swap (idempotent). Returns False when there is no journal."""
+    return swap.finish_swap(out, swap.COMPACTION, compaction_id, heartbeat)
 
 
 def _holds_an_index(out: Out) -> bool:
@@ -79,15 +57,13 @@ def compact(out: Out, target_rows: int = 2_000_000, row_group_size: int = 100_00
         raise ConfigError(f"{out.given} holds no facebatch index (no images/, faces/, _runs/ or _staging/ in it): "
                           "give the --out of `facebatch index`")
     compaction_id = "compact-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    from .lease import Lease
-
     # One writer per OUT: no indexing or people run publishes while the files are merged and swapped.
     with Lease(out, holder=f"facebatch compact {compaction_id}") as lease:
         return _compact(out, compaction_id, target_rows, row_group_size, lease)
 
 
 def _compact(out: Out, compaction_id: str, target_rows: int, row_group_size: int, lease) -> dict[str, Any]:
-    tables.recover_staging(out)
+    recover_staging(out)
     # Like an indexing run, a compaction heartbeats its staging folder so that no run started
     # meanwhile takes it for a crash's leftovers.
     heartbeat = Heartbeat.start(out, compaction_id)
@@ -104,7 +80,7 @@ def _compact(out: Out, compaction_id: str, target_rows: int, row_group_size: int
                 raise storage.StorageError(f"compaction {compaction_id}: merging {name} failed: {exc}") from exc
         if journal["add"] or journal["remove"]:
             lease.check()
-            out.write_json(out.staging(compaction_id, "compact.json"), journal)
+            swap.write_journal(out, swap.COMPACTION, compaction_id, journal)
             # On success this removes the staging folder; on failure the journal stays for recovery.
             finish_compaction(out, compaction_id, heartbeat)
         else:

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-class ConfigError(ValueError):
-    """A bad argument or configuration value; the message says what to change."""
+from .errors import ConfigError  # noqa: F401  (facebatch.config.ConfigError is the name callers use)
 
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -85,10 +85,10 @@ GROUP BY ALL ORDER BY i.uri
 
 
 def run_demo(out: str, object_store_memory: int | None = None) -> int:
-    from .cli import format_summary
     from .config import IndexConfig
     from .pipeline import run_index
     from .query import connect
+    from .summaries import format_summary
 
     root = Path(out).resolve()
     build_demo_archive(root)

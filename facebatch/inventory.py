@@ -103,7 +103,7 @@ def _csv_batches(fs, path: str, columns: list[str], chunk: int) -> Iterator[pa.R
 
 
 def _normalise(batch: pa.RecordBatch, fields: dict[str, str], url_encoded: bool, source_bucket: str) -> pa.RecordBatch:
-    from .plan import PLAN_SCHEMA
+    from .tables import PLAN_SCHEMA
 
     names = batch.schema.names
     if fields["key"] not in names:

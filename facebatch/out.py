@@ -46,6 +46,13 @@ PEOPLE_POINTERS = "_people"
 LEASE_FILE = "_lease.json"
 LEASE_LOCK = "_lease.lock"
 
+# What a run replaces, staged beside its files by the driver (image_id + pipeline_version of every
+# row it wrote for an object that already had one: changed, retried or --full; never new objects,
+# which no older file can hold). Without it (a run staged by an older facebatch), every staged
+# image id is looked for. With --prune, the ids of objects gone from SOURCE.
+REPLACED_FILE = "replaced.parquet"
+PRUNE_FILE = "prune.parquet"
+
 # pyarrow reads a small object into a buffer the size of the object; when S3 answers the GET with
 # an error whose XML body is larger (a 503 SlowDown for a 25-byte READY marker), the SDK reports
 # "Failed to flush response stream", which it does not retry. So small JSON reads retry here.
@@ -120,6 +127,12 @@ class Out:
     def staged_record(self, run_id: str) -> storage.Location:
         return self.staging(run_id, "record.json")
 
+    def replaced_ids(self, run_id: str) -> storage.Location:
+        return self.staging(run_id, REPLACED_FILE)
+
+    def pruned_ids(self, run_id: str) -> storage.Location:
+        return self.staging(run_id, PRUNE_FILE)
+
     def run_record(self, run_id: str) -> storage.Location:
         return self.join(RUNS, f"{run_id}.json")
 
@@ -128,6 +141,23 @@ class Out:
 
     def people_pointer(self, version: str) -> storage.Location:
         return self.join(PEOPLE_POINTERS, f"{version}.json")
+
+    def people_generations(self) -> dict[str, dict]:
+        """version -> the committed pointer of every pipeline version that has people."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.people_pointers().fs_path(), allow_not_found=True))
+        result = {}
+        for info in infos:
+            if info.type == pafs.FileType.File and info.path.endswith(".json"):
+                version = info.base_name[: -len(".json")]
+                pointer = self.read_json(self.people_pointer(version))
+                if pointer is not None:
+                    result[version] = pointer
+        return result
+
+    def generation_file(self, pointer: dict, name: str) -> storage.Location:
+        """Where a people generation's file lives. Pointers hold paths relative to OUT, so an OUT
+        that is copied or moved elsewhere (`aws s3 sync`, `cp -r`) stays valid."""
+        return self.join(pointer["files"][name])
 
     def lease_file(self) -> storage.Location:
         return self.join(LEASE_FILE)

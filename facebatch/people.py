@@ -47,48 +47,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import storage, tables
+from . import storage, swap
 from .config import ConfigError
 from .out import Heartbeat, Out, fault_point
+from .recovery import recover_staging
+from .tables import EMBEDDING_DIM, FACE_PEOPLE_SCHEMA, PEOPLE_SCHEMA
 from .embedder import COSINE_THRESHOLD
 
 log = logging.getLogger("facebatch.people")
 
-EMBEDDING_DIM = tables.EMBEDDING_DIM
 
-PEOPLE_SCHEMA = pa.schema(
-    [
-        pa.field("person_id", pa.string(), nullable=False),  # stable across runs: never renumbered
-        pa.field("name", pa.string()),  # from --labels; null when unlabelled
-        pa.field("num_faces", pa.int32()),
-        pa.field("num_images", pa.int32()),
-        pa.field("cover_image_id", pa.string()),  # the person's best-quality face
-        pa.field("cover_face_index", pa.int32()),
-        pa.field("centroid", pa.list_(pa.float32(), EMBEDDING_DIM)),  # L2-normalised mean embedding
-        pa.field("first_run_id", pa.string()),  # the people run that created the person
-        pa.field("last_run_id", pa.string()),  # the last people run that changed its faces
-        pa.field("pipeline_version", pa.string(), nullable=False),
-    ]
-)
-
-ASSIGNED_BY = ("cluster", "incremental", "label")
-REASONS = ("low_score", "small_face", "profile", "blurred", "no_match")
-
-FACE_PEOPLE_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("face_index", pa.int32(), nullable=False),
-        pa.field("person_id", pa.string()),  # null = not assigned (see reason)
-        pa.field("similarity", pa.float32()),  # cosine to the person's centroid
-        pa.field("assigned_by", pa.string()),  # cluster | incremental | label; null when unassigned
-        pa.field("reason", pa.string()),  # why unassigned: low_score | small_face | profile | blurred | no_match
-        pa.field("face_run_id", pa.string()),  # the index run that wrote the face (detects re-indexed photos)
-        pa.field("people_run_id", pa.string(), nullable=False),
-        pa.field("pipeline_version", pa.string(), nullable=False),
-    ]
-)
-
-PEOPLE_TABLES = {"people": PEOPLE_SCHEMA, "face_people": FACE_PEOPLE_SCHEMA}
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -170,29 +138,8 @@ class PeopleConfig:
 # ----------------------------------------------------------------------------------------- state
 
 
-def current_generations(out: Out) -> dict[str, dict]:
-    """version -> the committed pointer of every pipeline version that has people."""
-    import pyarrow.fs as pafs
-
-    infos = out.fs.get_file_info(pafs.FileSelector(out.people_pointers().fs_path(), allow_not_found=True))
-    result = {}
-    for info in infos:
-        if info.type == pafs.FileType.File and info.path.endswith(".json"):
-            version = info.base_name[: -len(".json")]
-            pointer = out.read_json(out.people_pointer(version))
-            if pointer is not None:
-                result[version] = pointer
-    return result
-
-
-def generation_file(out: Out, pointer: dict, name: str) -> storage.Location:
-    """Where a generation's file lives. Pointers hold paths relative to OUT, so an OUT that is
-    copied or moved elsewhere (`aws s3 sync`, `cp -r`) stays valid."""
-    return out.join(pointer["files"][name])
-
-
 def _read_generation_table(out: Out, pointer: dict, name: str, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(generation_file(out, pointer, name).fs_path(), filesystem=out.fs, columns=columns)
+    return pq.read_table(out.generation_file(pointer, name).fs_path(), filesystem=out.fs, columns=columns)
 
 
 # ----------------------------------------------------------------------------------------- input
@@ -356,7 +303,7 @@ def _run_people(config: PeopleConfig, out: Out, ray_address: str | None = None) 
     run_id = config.run_id or new_run_id()
     if not run_id.startswith("people-"):
         run_id = "people-" + run_id  # recovery tells people runs from index runs by this prefix
-    recovered = tables.recover_staging(out)
+    recovered = recover_staging(out)
 
     t0 = time.perf_counter()
     version, faces = _faces_of_version(out, config.pipeline_version)
@@ -367,7 +314,7 @@ def _run_people(config: PeopleConfig, out: Out, ray_address: str | None = None) 
     reasons = config.quality.reasons(faces)
     passing = np.array([r is None for r in reasons], bool)
 
-    previous = current_generations(out).get(version)
+    previous = out.people_generations().get(version)
     # Labels survive later runs: without --labels, the file the last run used is read again.
     labels_path = config.labels or (previous or {}).get("labels")
     names = np.full(n, -1, np.int64)
@@ -641,38 +588,12 @@ def stage_and_publish(out: Out, run_id: str, version: str, people: pa.Table, fac
             "record": record,
         }
         # Writing the journal is the point of no return: from here the next run finishes the swap.
-        out.write_json(staging.join("people.json"), journal)
+        swap.write_journal(out, swap.PEOPLE, run_id, journal)
         fault_point("people-journal")
-        finish_people_swap(out, run_id, heartbeat)
+        swap.finish_swap(out, swap.PEOPLE, run_id, heartbeat)
     finally:
         heartbeat.stop()
 
-
-
-def finish_people_swap(out: Out, run_id: str, heartbeat: Heartbeat | None = None) -> bool:
-    """Complete a journaled people swap (idempotent). False when the run never wrote its journal."""
-    import pyarrow.fs as pafs
-
-    journal = out.read_json(out.staging(run_id, "people.json"))
-    if journal is None:
-        return False
-    for item in journal["add"]:
-        out.move(out.at_fs_path(item["staged"]), out.at_fs_path(item["final"]))
-        fault_point("people-after-move")
-    missing = [item["final"] for item in journal["add"] if out.file_type(item["final"]) != pafs.FileType.File]
-    if missing:
-        raise RuntimeError(f"people run {run_id}: files missing after the move ({', '.join(missing)}); the pointer was not changed")
-    # The commit: one small object says which files are current.
-    out.write_json(out.people_pointer(journal["version"]), journal["pointer"])
-    fault_point("people-after-pointer")
-    for path in journal["remove"]:
-        out.delete_file(path)  # gone already: an earlier attempt
-    record = dict(journal["record"], state="published", published_at=time.time())
-    out.write_json(out.run_record(run_id), record)
-    if heartbeat is not None:
-        heartbeat.stop()
-    out.delete_tree(out.staging(run_id))
-    return True
 
 
 # ----------------------------------------------------------------------------------------- search
@@ -696,7 +617,7 @@ class SearchIndex:
 
         t0 = time.perf_counter()
         out = Out.from_uri(out_uri, storage.endpoint_url(endpoint))
-        generations = current_generations(out)
+        generations = out.people_generations()
         if not generations:
             raise ConfigError(f"{out_uri} has no people/search index yet: run `facebatch people {out_uri}` first")
         if version is None:
@@ -704,7 +625,7 @@ class SearchIndex:
         elif version not in generations:
             raise ConfigError(f"{out_uri} has no search index for pipeline version {version!r} (it has {', '.join(generations)})")
         pointer = generations[version]
-        with out.fs.open_input_stream(generation_file(out, pointer, "search_index").fs_path()) as fh:
+        with out.fs.open_input_stream(out.generation_file(pointer, "search_index").fs_path()) as fh:
             data = fh.read()
         index = clustering.load_index(data) if data else None
         fp = _read_generation_table(out, pointer, "face_people", ["image_id", "face_index", "person_id"])

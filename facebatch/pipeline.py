@@ -25,6 +25,9 @@ import pyarrow.compute as pc
 from . import __version__, gpumem, models, storage, tables
 from .config import IndexConfig, pipeline_version
 from .out import Out, active_heartbeats, fault_point
+from .publishing import publish_run
+from .recovery import recover_staging
+from .writing import RunWriter
 
 log = logging.getLogger("facebatch")
 
@@ -369,7 +372,7 @@ def split_output(batch: pa.Table, version: str, run_id: str, indexed_at: datetim
     return images, faces
 
 
-def _abort_quietly(writer: tables.RunWriter) -> None:
+def _abort_quietly(writer: RunWriter) -> None:
     """Delete a failed run's staged files; when storage is what failed, that may fail too, and then
     the next run's recovery discards them (they have no READY marker): the run's own error matters."""
     try:
@@ -389,10 +392,10 @@ REPLACED_SCHEMA = pa.schema([("image_id", pa.string()), ("pipeline_version", pa.
 
 def stage_replaced_ids(plan, version: str, out: Out, run_id: str) -> None:
     """Stream the ids of the planned objects that already have a row (changed, retry, or anything
-    but new under --full) to OUT/_staging/<run>/replaced.parquet, for tables.remove_superseded."""
+    but new under --full) to OUT/_staging/<run>/replaced.parquet, for publishing.remove_superseded."""
     import pyarrow.parquet as pq
 
-    location = out.staging(run_id, tables.REPLACED_FILE)
+    location = out.replaced_ids(run_id)
     with pq.ParquetWriter(location.fs_path(), REPLACED_SCHEMA, filesystem=out.fs) as writer:
         for batch in plan.batches(rows=100_000):
             ids = batch.column("image_id").filter(pc.not_equal(batch.column("change"), "new"))
@@ -476,7 +479,7 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
     from .lease import Lease
 
     lease = on_exit.enter_context(Lease(out, holder=f"facebatch index run {run_id}"))
-    recovered = tables.recover_staging(out)
+    recovered = recover_staging(out)
     for action in recovered:
         log.warning("previous run %s was interrupted: %s", action["run_id"], action["action"])
 
@@ -505,7 +508,7 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
     ctx.enable_progress_bars = progress and sys.stderr.isatty()
 
     indexed_at = datetime.now(timezone.utc)
-    writer = tables.RunWriter(out, run_id, row_group_size=config.rows_per_row_group)
+    writer = RunWriter(out, run_id, row_group_size=config.rows_per_row_group)
     status_counts: dict[str, int] = {}
     # Fetch errors with the object's own name taken out, so that one outage counts as one message.
     fetch_errors: Counter[str] = Counter()
@@ -624,7 +627,7 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
     if plan.deleted_ids_path:
         import pyarrow.parquet as pq
 
-        with pq.ParquetWriter(out.staging(run_id, tables.PRUNE_FILE).fs_path(),
+        with pq.ParquetWriter(out.pruned_ids(run_id).fs_path(),
                               pa.schema([("image_id", pa.string())]), filesystem=out.fs) as prune:
             for batch in pq.ParquetFile(plan.deleted_ids_path, pre_buffer=False).iter_batches(columns=["image_id"]):
                 prune.write_batch(batch)
@@ -632,5 +635,5 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
     out.write_json(out.staged_record(run_id), record)
     fault_point("staged-after-record")
     lease.check()  # taken over while this run was cut off: the other writer's recovery publishes it
-    tables.publish_run(out, run_id, record, heartbeat=writer.heartbeat)
+    publish_run(out, run_id, record, heartbeat=writer.heartbeat)
     return RunSummary(run_id=run_id, pipeline_version=version, out=config.out, record=record)

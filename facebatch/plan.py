@@ -26,16 +26,7 @@ import pyarrow.parquet as pq
 from . import storage
 from .out import Out
 from .config import ConfigError, IndexConfig
-
-PLAN_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string()),
-        pa.field("uri", pa.string()),
-        pa.field("size", pa.int64()),
-        pa.field("etag", pa.string()),
-        pa.field("mtime", pa.float64()),
-    ]
-)
+from .tables import PLAN_SCHEMA
 
 MANIFEST_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 LISTING_CHUNK = 100_000

@@ -13,8 +13,10 @@ from urllib.parse import urlparse
 
 import duckdb
 
-from . import storage, tables
+from . import storage
 from .out import Out
+from .publishing import rewritten_name
+from .tables import PEOPLE_TABLES, TABLES
 
 
 def extension_file(name: str) -> Path | None:
@@ -100,13 +102,13 @@ def create_views(con: duckdb.DuckDBPyConnection, out: Out) -> None:
       (and of a file it rewrote under a new name, only the new one).
     """
     pending = pending_changes(out)
-    for name, schema in tables.TABLES.items():
+    for name, schema in TABLES.items():
         present = out.list_table_files(name)
         runs = pending.runs
         # A pending run's supersede step writes each file it rewrites under a new name, then
         # deletes the old one: where both exist, the old one is not read (its rows are in the new).
         rewritten = {f for f in present for run in runs
-                     if f.rsplit("/", 1)[0] + "/" + tables.rewritten_name(f.rsplit("/", 1)[1], run["run_id"]) in present}
+                     if f.rsplit("/", 1)[0] + "/" + rewritten_name(f.rsplit("/", 1)[1], run["run_id"]) in present}
         files = [f for f in present if f not in pending.hidden and f not in rewritten]
         own = {f"{name}/{run['run_id']}.parquet" for run in runs}
         files = [f for f in files if not any(f.endswith("/" + o) for o in own)] if runs else files
@@ -180,7 +182,7 @@ def pending_changes(out: Out) -> PendingChanges:
             journal = out.read_json(folder.join("compact.json"))
             if journal is None:
                 continue
-            present = {f for name in tables.TABLES for f in out.list_table_files(name)}
+            present = {f for name in TABLES for f in out.list_table_files(name)}
             finals = {item["final"] for item in journal["add"]}
             # The old files go only once every merged file is in place (finish_compaction).
             pending.hidden |= set(journal["remove"]) if finals <= present else finals
@@ -203,11 +205,9 @@ def pending_changes(out: Out) -> PendingChanges:
 def _people_views(con: duckdb.DuckDBPyConnection, out: Out) -> None:
     """Views `people` and `face_people`: the committed generation of every pipeline version
     (read through its pointer, so a people run being published is seen whole or not at all)."""
-    from .people import PEOPLE_TABLES, current_generations, generation_file
-
-    generations = current_generations(out)
+    generations = out.people_generations()
     for name, schema in PEOPLE_TABLES.items():
-        uris = [generation_file(out, pointer, name).uri() for pointer in generations.values()]
+        uris = [out.generation_file(pointer, name).uri() for pointer in generations.values()]
         if not uris:
             con.register(f"_empty_{name}", schema.empty_table())
             con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM _empty_{name}")

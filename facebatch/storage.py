@@ -30,7 +30,7 @@ os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
 
 import pyarrow.fs as pafs  # noqa: E402  (after the environment above)
 
-from .config import ConfigError  # noqa: E402
+from .errors import ConfigError  # noqa: E402
 
 # pyarrow's S3 requests (Parquet writes and reads, listings, deletes) retry throttling and 5xx
 # like boto3 does; the SDK's default of 3 attempts gives up too soon under S3 SlowDown. Ten

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
-    from facebatch.cli import format_people_summary, people_config_from_args
+    from facebatch.cli import people_config_from_args
+    from facebatch.summaries import format_people_summary
     from facebatch.config import ConfigError
     from facebatch.people import run_people
     from facebatch.storage import StorageError

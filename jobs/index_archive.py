@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
-    from facebatch.cli import config_from_args, format_summary
+    from facebatch.cli import config_from_args
+    from facebatch.summaries import format_summary
     from facebatch.config import ConfigError
     from facebatch.pipeline import RunFailed, run_index
     from facebatch.storage import StorageError

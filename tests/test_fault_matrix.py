@@ -1,15 +1,15 @@
 """The storage fault matrix: the S3 requests that publish, recovery, compaction and the people
 job's publish make, failed one at a time, one kind at a time, through the fault-injecting proxy in
 front of the loopback S3 server (moto_server). No Ray, no detector: staged runs are written with
-`tables.RunWriter`, people generations with `people.stage_and_publish`.
+`writing.RunWriter`, people generations with `people.stage_and_publish`.
 
 Scenarios (each from one starting state, copied server-side into a fresh OUT prefix per case):
 - publish: run-0 published (images a, b, c); run-1 staged (b changed, d new) -> `publish_run`.
 - recovery: the same, plus run-2 that died while writing (no READY) -> `recover_staging`
   publishes run-1 and discards run-2.
-- compaction: three published runs -> `compact.compact` (merge, journal, `finish_compaction`).
+- compaction: three published runs -> `compact.compact` (merge, journal, `swap.finish_swap`).
 - people: generation people-1 committed -> `people.stage_and_publish` of people-2 (staged files,
-  journal, `finish_people_swap`: moves, the pointer, deleting people-1's files).
+  journal, `swap.finish_swap`: moves, the pointer, deleting people-1's files).
 
 A clean run of each scenario is recorded through the proxy: op (GET, HEAD, PUT, POST = multipart
 create/complete, COPY, DELETE incl. batch deletes, LIST) + key of every request, in order. A case
@@ -52,7 +52,7 @@ import pyarrow as pa
 import pytest
 
 import facebatch.out as out_module
-from facebatch import storage, tables
+from facebatch import publishing, recovery, storage, writing
 from facebatch.out import Out
 from faulty_proxy import DROP, FaultyS3Proxy
 from test_tables_plan import _faces_rows, _images_rows
@@ -102,7 +102,7 @@ def fresh_clients() -> None:
 
 def stage_run(out, run_id, images, faces, ep, record=True):
     """A run that wrote all its rows (READY, and its record unless record=False) and was not published."""
-    writer = tables.RunWriter(Out(out, ep), run_id)
+    writer = writing.RunWriter(Out(out, ep), run_id)
     if faces:
         writer.write("faces", _faces_table(faces, run_id))
     writer.write("images", _images_rows([i for i, _ in images], [e for _, e in images], ["ok"] * len(images), VERSION, run_id))
@@ -123,7 +123,7 @@ def _faces_table(faces, run_id):
 
 def publish_run(out, run_id, images, faces, ep):
     stage_run(out, run_id, images, faces, ep)
-    tables.publish_run(Out(out, ep), run_id, {"run_id": run_id})
+    publishing.publish_run(Out(out, ep), run_id, {"run_id": run_id})
 
 
 RUN0_IMAGES = [("a", "e0"), ("b", "e0"), ("c", "e0")]
@@ -139,7 +139,7 @@ def setup_publish(out, ep):
 
 
 def act_publish(out, ep):
-    tables.publish_run(Out(out, ep), "run-1", {"run_id": "run-1"})
+    publishing.publish_run(Out(out, ep), "run-1", {"run_id": "run-1"})
 
 
 def setup_recovery(out, ep):
@@ -153,7 +153,7 @@ def setup_recovery(out, ep):
 
 
 def act_recovery(out, ep):
-    tables.recover_staging(Out(out, ep))
+    recovery.recover_staging(Out(out, ep))
 
 
 def setup_compaction(out, ep):
@@ -169,7 +169,7 @@ def act_compaction(out, ep):
 
 
 def _people_generation(run_id, persons):
-    from facebatch.people import FACE_PEOPLE_SCHEMA, PEOPLE_SCHEMA
+    from facebatch.tables import FACE_PEOPLE_SCHEMA, PEOPLE_SCHEMA
 
     people = pa.Table.from_pylist([
         {"person_id": pid, "name": None, "num_faces": len(faces), "num_images": len(faces), "cover_image_id": faces[0][0],
@@ -187,11 +187,11 @@ PEOPLE_2 = {"p0000000": [("a", 0), ("b", 0), ("c", 0)], "p0000001": [("a", 1)]}
 
 
 def _stage_people(out, run_id, persons, ep):
-    from facebatch.people import current_generations, stage_and_publish
+    from facebatch.people import stage_and_publish
 
     people, face_people = _people_generation(run_id, persons)
     at = Out(out, ep)
-    previous = current_generations(at).get(VERSION)
+    previous = at.people_generations().get(VERSION)
     stage_and_publish(at, run_id, VERSION, people, face_people, f"faiss:{run_id}".encode(), {"run_id": run_id, "kind": "people"},
                       previous, len(persons), None, None, {}, time.perf_counter())
 
@@ -206,14 +206,12 @@ def act_people(out, ep):
 
 
 def next_index_run(out, ep):
-    tables.recover_staging(Out(out, ep))
+    recovery.recover_staging(Out(out, ep))
 
 
 def next_people_run(out, ep):
-    from facebatch.people import current_generations
-
-    tables.recover_staging(Out(out, ep))
-    if current_generations(Out(out, ep))[VERSION]["run_id"] != "people-2":
+    recovery.recover_staging(Out(out, ep))
+    if Out(out, ep).people_generations()[VERSION]["run_id"] != "people-2":
         act_people(out, ep)  # the failed run left nothing committed: the next people run does it again
 
 

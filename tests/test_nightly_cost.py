@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from facebatch import tables
+from facebatch import publishing, tables, writing
 from facebatch.out import Out
 from facebatch.config import ConfigError, IndexConfig
 from facebatch.plan import build_plan
@@ -170,21 +170,21 @@ def test_superseding_reads_only_row_groups_that_can_hold_replaced_ids(tmp_path):
     changed = [ids[3100], ids[3101]]
     new = [f"/p/z{i:03d}.jpg" for i in range(50)]
     run_ids = sorted(changed + new)
-    writer = tables.RunWriter(location, "run-2")
+    writer = writing.RunWriter(location, "run-2")
     writer.write("faces", _faces_rows(run_ids, run_id="run-2"))
     writer.write("images", _images_rows(run_ids, ["new"] * len(run_ids), ["ok"] * len(run_ids), run_id="run-2"))
     writer.close()
     pq.write_table(pa.table({"image_id": changed, "pipeline_version": ["v1-test"] * 2}),
-                   location.join("_staging", "run-2", tables.REPLACED_FILE).fs_path())
-    pq.write_table(pa.table({"image_id": [ids[7000]]}), location.join("_staging", "run-2", tables.PRUNE_FILE).fs_path())
-    stats = tables.SupersedeStats()
-    assert tables.remove_superseded(location, "run-2", stats) == 2 * 2 + 2  # images + faces rows
+                   location.replaced_ids("run-2").fs_path())
+    pq.write_table(pa.table({"image_id": [ids[7000]]}), location.pruned_ids("run-2").fs_path())
+    stats = publishing.SupersedeStats()
+    assert publishing.remove_superseded(location, "run-2", stats) == 2 * 2 + 2  # images + faces rows
     # 6 row groups per file x 3 files x 2 tables; the run's ids fall in one row group of two files.
     assert stats.row_groups_total == 36 and stats.row_groups_probed == 4
     assert stats.files_rewritten == 4
     names = sorted(p.rsplit("/", 1)[1] for p in location.list_table_files("images"))
     assert names == ["compact-x-00000.parquet", "compact-x-00001-rrun-2.parquet", "compact-x-00002-rrun-2.parquet"]
-    tables.publish_run(location, "run-2", {"run_id": "run-2"})
+    publishing.publish_run(location, "run-2", {"run_id": "run-2"})
     con = duckdb.connect()
     counts = con.execute(f"SELECT count(*), count(DISTINCT image_id) FROM read_parquet('{out}/images/*.parquet')").fetchone()
     assert counts == (9000 - 1 + 50, 9000 - 1 + 50)

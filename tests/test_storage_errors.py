@@ -14,7 +14,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from facebatch import storage, tables
+from facebatch import publishing, recovery, storage, writing
 from facebatch.out import Heartbeat, Out, active_heartbeats
 from faulty_proxy import DROP, FaultyS3Proxy
 from test_tables_plan import _faces_rows, _images_rows
@@ -47,7 +47,7 @@ def out(proxy, request):
 
 def stage(out, run_id, ids, etags, record=True):
     """A run that finished writing (READY + record) and whose driver died before publishing."""
-    writer = tables.RunWriter(out, run_id)
+    writer = writing.RunWriter(out, run_id)
     writer.write("faces", _faces_rows(ids, run_id=run_id))
     writer.write("images", _images_rows(ids, etags, ["ok"] * len(ids), run_id=run_id))
     writer.close()
@@ -58,7 +58,7 @@ def stage(out, run_id, ids, etags, record=True):
 
 def publish(out, run_id, ids, etags):
     stage(out, run_id, ids, etags)
-    tables.publish_run(out, run_id, {"run_id": run_id})
+    publishing.publish_run(out, run_id, {"run_id": run_id})
 
 
 def keys(s3_server, out, under=""):
@@ -83,12 +83,12 @@ def test_failed_get_of_ready_never_discards_a_finished_run(proxy, out, s3_server
     staged_before = keys(s3_server, out, "_staging")
     proxy.inject("GET", "/_staging/run-1/READY", status=403)
     with pytest.raises(storage.StorageError, match=r"GET s3://.*/_staging/run-1/READY: "):
-        tables.recover_staging(out)
+        recovery.recover_staging(out)
     assert keys(s3_server, out, "_staging") == staged_before  # nothing deleted, nothing published
     assert visible(out) == [("a", "e1", "run-0"), ("b", "e1", "run-0")]
 
     proxy.clear_faults()
-    assert tables.recover_staging(out) == [{"run_id": "run-1", "action": "published"}]
+    assert recovery.recover_staging(out) == [{"run_id": "run-1", "action": "published"}]
     assert visible(out) == [("a", "e1", "run-0"), ("b", "e2", "run-1"), ("c", "e1", "run-1")]
     assert visible(out, "faces") == [("a", 0, "run-0"), ("b", 0, "run-1"), ("c", 0, "run-1")]
 
@@ -100,11 +100,11 @@ def test_a_get_failing_for_good_aborts_recovery_with_the_objects_name(proxy, out
     proxy.inject("GET", "/_staging/run-1/record.json", status=status)
     t0 = time.perf_counter()
     with pytest.raises(storage.StorageError, match=r"GET s3://.*/_staging/run-1/record.json"):
-        tables.recover_staging(out)
+        recovery.recover_staging(out)
     assert time.perf_counter() - t0 < 60
     assert "_staging/run-1/READY" in keys(s3_server, out, "_staging")
     proxy.clear_faults()
-    assert tables.recover_staging(out) == [{"run_id": "run-1", "action": "published"}]
+    assert recovery.recover_staging(out) == [{"run_id": "run-1", "action": "published"}]
     assert visible(out) == [("a", "e1", "run-1")]
 
 
@@ -115,7 +115,7 @@ def test_throttled_requests_are_retried_by_every_client(proxy, out):
     ready = proxy.inject("GET", "/_staging/run-1/READY", status=503, times=2)
     head = proxy.inject("HEAD", "/_staging/run-1/faces.parquet", status=503, times=2)
     copy = proxy.inject("COPY", "/images/run-1.parquet", status=503, times=2)
-    assert tables.recover_staging(out) == [{"run_id": "run-1", "action": "published"}]
+    assert recovery.recover_staging(out) == [{"run_id": "run-1", "action": "published"}]
     assert (ready.served, head.served, copy.served) == (2, 2, 2)
     assert visible(out) == [("a", "e1", "run-1")]
 
@@ -128,17 +128,17 @@ def test_failed_heartbeat_get_never_makes_a_live_run_look_dead(proxy, out, s3_se
         fh.write(b"partial")
     proxy.inject("GET", "/_staging/run-live/HEARTBEAT", status=503)
     with pytest.raises(storage.StorageError, match="HEARTBEAT"):
-        tables.recover_staging(out)
+        recovery.recover_staging(out)
     assert keys(s3_server, out, "_staging") == ["_staging/run-live/HEARTBEAT", "_staging/run-live/images.parquet"]
     proxy.clear_faults()
-    assert tables.recover_staging(out) == [{"run_id": "run-live", "action": "left alone: another run is writing it"}]
+    assert recovery.recover_staging(out) == [{"run_id": "run-live", "action": "left alone: another run is writing it"}]
 
 
 def test_first_heartbeat_write_failing_surfaces_the_s3_error(proxy, out):
     before = active_heartbeats()
     proxy.inject("*", "/_staging/run-hb/HEARTBEAT", status=403)
     with pytest.raises(storage.StorageError, match=r"write heartbeat s3://.*/_staging/run-hb/HEARTBEAT.*(ACCESS_DENIED|AccessDenied)"):
-        tables.RunWriter(out, "run-hb")
+        writing.RunWriter(out, "run-hb")
     assert active_heartbeats() == before  # nothing left beating
 
 
@@ -161,11 +161,11 @@ def test_failed_publish_step_is_finished_by_the_next_recovery(proxy, out, op, ke
     stage(out, "run-2", ["b"], ["e2"])
     proxy.inject(op, key, status=403)
     with pytest.raises(storage.StorageError, match=key.rsplit("/", 1)[1]):
-        tables.publish_run(out, "run-2", {"run_id": "run-2"})
+        publishing.publish_run(out, "run-2", {"run_id": "run-2"})
     ids = [r[0] for r in visible(out)]
     assert len(ids) == len(set(ids))  # never two versions of an image
     proxy.clear_faults()
-    assert tables.recover_staging(out) == [{"run_id": "run-2", "action": "published"}]
+    assert recovery.recover_staging(out) == [{"run_id": "run-2", "action": "published"}]
     assert visible(out) == [("a", "e1", "run-1"), ("b", "e2", "run-2")]
     assert visible(out, "faces") == [("a", 0, "run-1"), ("b", 0, "run-2")]
 
@@ -189,11 +189,11 @@ def test_failed_delete_during_compaction_keeps_the_journal(proxy, out, s3_server
     proxy.clear_faults()
     proxy.inject("GET", journal_key, status=403)
     with pytest.raises(storage.StorageError, match="compact.json"):
-        tables.recover_staging(out)
+        recovery.recover_staging(out)
     assert journal_key in keys(s3_server, out, "_staging")  # a failed GET never drops the journal
 
     proxy.clear_faults()
-    assert tables.recover_staging(out) == [{"run_id": compaction_id, "action": "finished compaction"}]
+    assert recovery.recover_staging(out) == [{"run_id": compaction_id, "action": "finished compaction"}]
     assert visible(out) == expected_images
     assert visible(out, "faces") == expected_faces
     assert [p.rsplit("/", 1)[1] for p in out.list_table_files("faces")] == [f"{compaction_id}-00000.parquet"]
@@ -221,6 +221,6 @@ def test_recovery_leaves_folders_that_are_not_run_ids_alone(tmp_path):
     odd = tmp_path / "out" / "_staging" / "-weird name"
     odd.mkdir(parents=True)
     (odd / "READY").write_text("{}")
-    assert tables.recover_staging(location) == [{"run_id": "-weird name", "action": "left alone: not a run id"}]
+    assert recovery.recover_staging(location) == [{"run_id": "-weird name", "action": "left alone: not a run id"}]
     assert odd.exists()
 

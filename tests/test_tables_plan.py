@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from facebatch import storage, tables
+from facebatch import publishing, recovery, storage, writing
 from facebatch.out import Out
 from facebatch.config import ConfigError, IndexConfig
 from facebatch.plan import build_plan
@@ -59,11 +59,11 @@ def _faces_rows(ids, version="v1-test", run_id="r1"):
 
 def _publish(out: str, run_id: str, ids, etags, statuses, version="v1-test", endpoint=None):
     location = Out.from_uri(out, endpoint)
-    writer = tables.RunWriter(location, run_id)
+    writer = writing.RunWriter(location, run_id)
     writer.write("faces", _faces_rows([i for i, s in zip(ids, statuses) if s == "ok"], version, run_id))
     writer.write("images", _images_rows(ids, etags, statuses, version, run_id))
     writer.close()
-    tables.publish_run(location, run_id, {"run_id": run_id})
+    publishing.publish_run(location, run_id, {"run_id": run_id})
 
 
 def test_local_listing_is_sorted_and_skips_hidden(tmp_path):
@@ -149,7 +149,7 @@ def test_incremental_classification(tmp_path):
 def test_writer_publishes_sorted_files_with_statistics(tmp_path):
     out = str(tmp_path / "out")
     location = Out.from_uri(out)
-    writer = tables.RunWriter(location, "run-a", row_group_size=1000)
+    writer = writing.RunWriter(location, "run-a", row_group_size=1000)
     ids = [f"img-{i:05d}" for i in range(2500)]
     for start in range(0, 2500, 700):
         chunk = ids[start : start + 700]
@@ -160,7 +160,7 @@ def test_writer_publishes_sorted_files_with_statistics(tmp_path):
     assert writer.close() == {"images": 2500, "faces": 2500}
     # Staged files are invisible to *.parquet globs until published.
     assert location.list_table_files("faces") == []
-    tables.publish_run(location, "run-a", {"run_id": "run-a"})
+    publishing.publish_run(location, "run-a", {"run_id": "run-a"})
     files = location.list_table_files("faces")
     assert [f.rsplit("/", 1)[1] for f in files] == ["run-a.parquet"]
     meta = pq.ParquetFile(files[0]).metadata
@@ -177,18 +177,18 @@ def test_writer_publishes_sorted_files_with_statistics(tmp_path):
 def test_recovery_publishes_complete_runs_and_discards_partial_ones(tmp_path):
     location = Out.from_uri(str(tmp_path / "out"))
     # Run 1 staged completely (READY + record) but died before publishing.
-    w = tables.RunWriter(location, "run-1")
+    w = writing.RunWriter(location, "run-1")
     w.write("faces", _faces_rows(["a"], run_id="run-1"))
     w.write("images", _images_rows(["a"], ["e"], ["ok"], run_id="run-1"))
     w.close()
     location.write_json(location.join("_staging", "run-1", "record.json"), {"run_id": "run-1"})
     # Run 2 died while writing (no READY marker).
-    w2 = tables.RunWriter(location, "run-2")
+    w2 = writing.RunWriter(location, "run-2")
     w2.write("images", _images_rows(["b"], ["e"], ["ok"], run_id="run-2"))
-    actions = tables.recover_staging(location)
+    actions = recovery.recover_staging(location)
     assert sorted((a["run_id"], a["action"]) for a in actions) == [("run-1", "published"), ("run-2", "discarded")]
     assert [f.rsplit("/", 1)[1] for f in location.list_table_files("images")] == ["run-1.parquet"]
-    assert tables.recover_staging(location) == []  # idempotent
+    assert recovery.recover_staging(location) == []  # idempotent
 
 
 def test_s3_listing_pagination_and_publish(s3_server):
@@ -226,10 +226,10 @@ def test_changed_objects_replace_their_rows_and_prune_removes_deleted(tmp_path):
     assert faces == [("a", "run-1"), ("b", "run-2"), ("c", "run-2"), ("x", "run-0")]
 
     # A run with --prune: 'a' was deleted from the source.
-    writer = tables.RunWriter(location, "run-3")
+    writer = writing.RunWriter(location, "run-3")
     writer.close()
     pq.write_table(pa.table({"image_id": ["a"]}), str(tmp_path / "out" / "_staging" / "run-3" / "prune.parquet"))
-    tables.publish_run(location, "run-3", {"run_id": "run-3"})
+    publishing.publish_run(location, "run-3", {"run_id": "run-3"})
     ids = [r[0] for r in con.sql(f"SELECT image_id FROM read_parquet('{out}/images/*.parquet') ORDER BY 1").fetchall()]
     assert ids == ["b", "c", "x"]
     assert [r[0] for r in con.sql(f"SELECT image_id FROM read_parquet('{out}/faces/*.parquet') ORDER BY 1").fetchall()] == ["b", "c", "x"]
@@ -278,7 +278,7 @@ def test_interrupted_compaction_is_finished_by_the_next_run(tmp_path):
     location.write_json(location.join("_staging", "compact-x", "compact.json"),
                       {"add": [{"staged": staged.fs_path(), "final": location.join("faces", "compact-x-00000.parquet").fs_path()}], "remove": old})
     fs.delete_file(old[0])  # part of the removal already happened
-    assert tables.recover_staging(location) == [{"run_id": "compact-x", "action": "finished compaction"}]
+    assert recovery.recover_staging(location) == [{"run_id": "compact-x", "action": "finished compaction"}]
     assert [p.rsplit("/", 1)[1] for p in location.list_table_files("faces")] == ["compact-x-00000.parquet"]
     assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/faces/*.parquet')").fetchone()[0] == 3
     assert not finish_compaction(location, "compact-x")
@@ -296,16 +296,16 @@ def test_recovery_leaves_a_live_run_alone(tmp_path):
     other_driver = subprocess.Popen(["sleep", "60"])
     try:
         (staging / "HEARTBEAT").write_text(json.dumps({"host": socket.gethostname(), "pid": other_driver.pid, "time": 0}))
-        assert tables.recover_staging(location) == [{"run_id": "run-live", "action": "left alone: another run is writing it"}]
+        assert recovery.recover_staging(location) == [{"run_id": "run-live", "action": "left alone: another run is writing it"}]
         assert (staging / "images.parquet").exists()
         # On another machine, only the heartbeat's age tells: a fresh one is live, an old one is not.
         (staging / "HEARTBEAT").write_text(json.dumps({"host": "elsewhere", "pid": 1, "time": __import__("time").time()}))
-        assert tables.recover_staging(location)[0]["action"].startswith("left alone")
+        assert recovery.recover_staging(location)[0]["action"].startswith("left alone")
     finally:
         other_driver.kill()
         other_driver.wait()
     (staging / "HEARTBEAT").write_text(json.dumps({"host": socket.gethostname(), "pid": other_driver.pid, "time": 0}))
-    assert tables.recover_staging(location) == [{"run_id": "run-live", "action": "discarded"}]
+    assert recovery.recover_staging(location) == [{"run_id": "run-live", "action": "discarded"}]
     assert not staging.exists()
 
 

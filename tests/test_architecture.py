@@ -1,0 +1,91 @@
+"""The module structure ARCHITECTURE.md describes: facebatch's modules import each other one way.
+
+Imports inside functions count too: a lazy import hides a cycle from Python, not from a reader.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "facebatch"
+
+
+def internal_imports() -> dict[str, set[str]]:
+    """module -> the facebatch modules it imports (anywhere in the file)."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.glob("*.py")):
+        name = path.stem
+        deps = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1 and node.module:  # from .x import y
+                    deps.add(node.module.split(".")[0])
+                elif node.level == 1:  # from . import x, y
+                    deps.update(alias.name for alias in node.names)
+                elif node.module and node.module.startswith("facebatch."):
+                    deps.add(node.module.split(".")[1])
+                elif node.module == "facebatch":
+                    deps.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name.split(".")[1] for a in node.names if a.name.startswith("facebatch."))
+        deps.discard(name)
+    modules = set(graph)
+    return {name: {d for d in deps if d in modules} for name, deps in graph.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep]
+            if dep not in state:
+                found = visit(dep)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycles():
+    graph = internal_imports()
+    assert "out" in graph and "recovery" in graph  # the scan sees the package
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_recovery_does_not_know_the_jobs_it_finishes():
+    """A swap's journal says everything needed to finish it (facebatch.swap)."""
+    graph = internal_imports()
+    for module in ("recovery", "swap", "publishing", "writing", "out"):
+        assert not graph[module] & {"compact", "people", "pipeline", "cli", "query"}, (module, graph[module])
+
+
+def test_only_the_pipeline_imports_ray_data():
+    for path in PACKAGE.glob("*.py"):
+        if path.stem != "pipeline":
+            assert "ray.data" not in path.read_text(), path.name
+
+
+def test_every_module_imports_on_its_own():
+    """Each module imported first, in a fresh interpreter (an import cycle at module level fails here)."""
+    names = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__main__")
+    code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module('facebatch.' + n)\n"
+    for name in names:
+        result = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True)
+        assert result.returncode == 0, f"facebatch.{name}: {result.stderr[-2000:]}"

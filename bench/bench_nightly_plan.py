@@ -133,7 +133,7 @@ def step(kind: str, source: str, out: str, run_id: str) -> dict:
     """One measured step, in this (fresh) process."""
     import pyarrow as pa
 
-    from facebatch import pipeline, publishing, tables, writing
+    from facebatch import publishing, tables, writing
     from facebatch.out import Out
     from facebatch.config import IndexConfig
     from facebatch.plan import build_plan
@@ -156,7 +156,7 @@ def step(kind: str, source: str, out: str, run_id: str) -> dict:
                 writer.write("images", _images_rows(ids, ["x"] * len(ids), ["ok"] * len(ids), VERSION, run_id).cast(tables.IMAGES_SCHEMA))
             writer.close()
             writer.heartbeat.stop()
-            pipeline.stage_replaced_ids(plan, VERSION, location, run_id)
+            writing.stage_replaced_ids(plan, VERSION, location, run_id)
         plan.cleanup()
     else:
         stats = publishing.SupersedeStats()

@@ -1,7 +1,11 @@
-"""The indexing run on Ray Data: plan -> fetch+decode (tasks) -> detect+align+embed (actor pool) -> write.
+"""The indexing run on Ray Data: the wiring of the stages, in the order a run goes through them.
 
-This is the only module that imports `ray.data`. Everything it calls (storage, decode, inference,
-tables) is plain Python tested without Ray.
+    lease + recover (lease.py, recovery.py) -> plan (plan.py) -> read: fetch + decode Ray tasks
+    (reading.py) -> infer: the FaceModelActor pool (inference.py) -> write: the driver streams rows
+    into the run's staged files (writing.py) -> publish (publishing.py)
+
+This is the only module that imports `ray.data`. Everything it calls is plain Python tested
+without Ray; what happens to OUT at each step is drawn in ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -22,52 +25,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import __version__, gpumem, models, storage, tables
+from . import __version__, gpumem, models, storage
 from .config import IndexConfig, pipeline_version
 from .out import Out, active_heartbeats, fault_point
 from .publishing import publish_run
 from .recovery import recover_staging
-from .writing import RunWriter
+from .reading import decoded_images, die_once, fetch_and_decode
+from .writing import RunWriter, faces_array, split_output, stage_pruned_ids, stage_replaced_ids
 
 log = logging.getLogger("facebatch")
 
-# Objects larger than this are not fetched at all (a 1 GiB "photo" is not one we can decode anyway).
-MAX_OBJECT_BYTES = 1 << 30
+# Decoding a photo near the pixel limit needs a few hundred MB: what a read task reserves.
 DECODE_TASK_MEMORY = 512 * 1024 * 1024
-
-DECODED_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("uri", pa.string()),
-        ("etag", pa.string()),
-        ("size_bytes", pa.int64()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("format", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("scale", pa.float32()),
-        ("pix_h", pa.int32()),
-        ("pix_w", pa.int32()),
-        ("pixels", pa.large_binary()),  # RGB uint8, pix_h x pix_w x 3, row-major
-        ("fetch_s", pa.float32()),
-        ("decode_s", pa.float32()),
-    ]
-)
-
-FACE_STRUCT = pa.struct(
-    [
-        ("face_index", pa.int32()),
-        ("box", pa.list_(pa.float32(), 4)),
-        ("score", pa.float32()),
-        ("landmarks", pa.list_(pa.float32(), 10)),
-        ("embedding", pa.list_(pa.float32(), tables.EMBEDDING_DIM)),
-        ("face_size", pa.float32()),
-        ("roll", pa.float32()),
-        ("yaw", pa.float32()),
-        ("sharpness", pa.float32()),
-    ]
-)
 
 
 class RunFailed(RuntimeError):
@@ -94,129 +63,7 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
-# --------------------------------------------------------------------------- read + decode (Ray tasks)
-
-
-def _decode_one(row: dict, data: bytes | None, fetch_error: str | None, max_pixels: int, max_side: int) -> dict:
-    from .decode import DecodeError, decode_image
-
-    out = {k: row.get(k) for k in ("image_id", "uri", "etag")}
-    out.update(size_bytes=row.get("size"), width=None, height=None, format=None, error=None, scale=None,
-               pix_h=None, pix_w=None, pixels=None, decode_s=0.0)
-    if fetch_error is not None:
-        out.update(status="fetch_failed", error=fetch_error)
-        return out
-    out["size_bytes"] = len(data)
-    t0 = time.perf_counter()
-    try:
-        img = decode_image(data, max_pixels=max_pixels, max_side=max_side)
-    except DecodeError as exc:
-        out.update(status=exc.status, error=exc.message)
-    except Exception as exc:  # a decoder bug must cost one row, never the run
-        out.update(status="corrupt", error=f"decoder failed: {type(exc).__name__}: {exc}")
-    else:
-        rgb = np.ascontiguousarray(img.rgb)
-        out.update(status="ok", width=img.width, height=img.height, format=img.format, scale=float(img.scale),
-                   pix_h=rgb.shape[0], pix_w=rgb.shape[1], pixels=rgb.tobytes())
-    out["decode_s"] = time.perf_counter() - t0
-    return out
-
-
-def _die_once(variable: str) -> None:
-    """Fault-tolerance tests: the first worker to pass here exits hard (as on OOM-kill or a lost node).
-
-    The variable names a marker file; whoever creates it first dies, later calls run normally.
-    """
-    marker = os.environ.get(variable)
-    if not marker:
-        return
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.close(fd)
-    os._exit(1)
-
-
-def fetch_and_decode(batch: pa.Table, *, retries: int, endpoint: str | None, max_pixels: int, max_side: int) -> pa.Table:
-    """Ray Data task: fetch a batch of objects concurrently (IO-bound), decode them one by one."""
-    _die_once("FACEBATCH_FAULT_KILL_READ_TASK_ONCE")
-    rows = batch.to_pylist()
-
-    def fetch(row: dict) -> tuple[bytes | None, str | None, float]:
-        t0 = time.perf_counter()
-        size = row.get("size")
-        if size is not None and size > MAX_OBJECT_BYTES:
-            return None, f"object is {size:,} bytes, above the {MAX_OBJECT_BYTES:,}-byte fetch limit", 0.0
-        try:
-            data = storage.fetch_bytes(row["uri"], retries=retries, endpoint=endpoint)
-            return data, None, time.perf_counter() - t0
-        except storage.FetchError as exc:
-            return None, str(exc), time.perf_counter() - t0
-        except Exception as exc:  # unexpected client errors still become a row
-            return None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0
-
-    with ThreadPoolExecutor(max_workers=min(16, max(1, len(rows)))) as pool:
-        fetched = list(pool.map(fetch, rows))
-    out_rows = []
-    for row, (data, error, fetch_s) in zip(rows, fetched):
-        decoded = _decode_one(row, data, error, max_pixels, max_side)
-        decoded["fetch_s"] = fetch_s
-        out_rows.append(decoded)
-    return pa.Table.from_pylist(out_rows, schema=DECODED_SCHEMA)
-
-
 # --------------------------------------------------------------------------- inference (Ray actors)
-
-
-def _images_from_batch(batch: pa.Table, ok_idx: np.ndarray) -> list[np.ndarray]:
-    """Zero-copy views of the decoded pixels of the ok rows."""
-    pixels = batch.column("pixels").combine_chunks()
-    offsets = np.frombuffer(pixels.buffers()[1], dtype=np.int64)[pixels.offset : pixels.offset + len(pixels) + 1]
-    data = np.frombuffer(pixels.buffers()[2], dtype=np.uint8) if pixels.buffers()[2] is not None else np.zeros(0, np.uint8)
-    hs = batch.column("pix_h").to_numpy(zero_copy_only=False)
-    ws = batch.column("pix_w").to_numpy(zero_copy_only=False)
-    return [data[offsets[i] : offsets[i + 1]].reshape(int(hs[i]), int(ws[i]), 3) for i in ok_idx]
-
-
-def _faces_array(results: list, n_rows: int, ok_idx: np.ndarray, embed: bool) -> pa.Array:
-    """One list<struct> entry per row of the batch (empty list for rows that are not ok)."""
-    per_row = [None] * n_rows
-    for i, res in zip(ok_idx, results):
-        per_row[i] = res
-    counts = np.array([0 if r is None else len(r) for r in per_row], np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    present = [r for r in per_row if r is not None and len(r)]
-    total = int(counts.sum())
-
-    def cat(attr: str, shape: tuple) -> np.ndarray:
-        if not present:
-            return np.zeros((0, *shape), np.float32)
-        return np.concatenate([np.asarray(getattr(r, attr), np.float32).reshape(-1, *shape) for r in present])
-
-    def fixed(values: np.ndarray, width: int) -> pa.Array:
-        return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float32()), width)
-
-    face_index = np.concatenate([np.arange(len(r), dtype=np.int32) for r in present]) if present else np.zeros(0, np.int32)
-    if embed:
-        embedding = fixed(cat("embeddings", (tables.EMBEDDING_DIM,)), tables.EMBEDDING_DIM)
-    else:
-        embedding = pa.nulls(total, pa.list_(pa.float32(), tables.EMBEDDING_DIM))
-    struct = pa.StructArray.from_arrays(
-        [
-            pa.array(face_index, pa.int32()),
-            fixed(cat("boxes", (4,)), 4),
-            pa.array(cat("scores", ()), pa.float32()),
-            fixed(cat("landmarks", (5, 2)), 10),
-            embedding,
-            pa.array(cat("face_size", ()), pa.float32()),
-            pa.array(cat("roll", ()), pa.float32()),
-            pa.array(cat("yaw", ()), pa.float32()),
-            pa.array(cat("sharpness", ()), pa.float32()),
-        ],
-        fields=list(FACE_STRUCT),
-    )
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), struct)
 
 
 class FaceModelActor:
@@ -257,7 +104,7 @@ class FaceModelActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from .inference import StageTimes
 
-        _die_once("FACEBATCH_FAULT_KILL_ACTOR_ONCE")
+        die_once("FACEBATCH_FAULT_KILL_ACTOR_ONCE")
         if self.decode is not None:
             # CPU-only pools fetch and decode in the actor itself (see default_sizing).
             batch = fetch_and_decode(batch, **self.decode)
@@ -265,7 +112,7 @@ class FaceModelActor:
         status = batch.column("status").to_pylist()
         errors = batch.column("error").to_pylist()
         ok_idx = np.array([i for i, s in enumerate(status) if s == "ok"], dtype=np.int64)
-        images = _images_from_batch(batch, ok_idx)
+        images = decoded_images(batch, ok_idx)
         scales = batch.column("scale").to_pylist()
         ok_scales = [float(scales[i]) for i in ok_idx]
         times = StageTimes()
@@ -311,7 +158,7 @@ class FaceModelActor:
         out = out.append_column("status", pa.array(status, pa.string()))
         out = out.append_column("error", pa.array(errors, pa.string()))
         out = out.append_column("num_faces", pa.array(num_faces, pa.int32()))
-        out = out.append_column("faces", _faces_array(results, batch.num_rows, ok_idx_final, self.embed))
+        out = out.append_column("faces", faces_array(results, batch.num_rows, ok_idx_final, self.embed))
         # Stage seconds, spread over the batch's rows so the driver can sum them per run.
         out = out.append_column("detect_s", pa.array(np.full(batch.num_rows, times.detect_s / n, np.float32)))
         out = out.append_column("embed_s", pa.array(np.full(batch.num_rows, times.embed_s / n, np.float32)))
@@ -339,39 +186,6 @@ class RunSummary:
         return self.record.get("images_by_status", {})
 
 
-def split_output(batch: pa.Table, version: str, run_id: str, indexed_at: datetime) -> tuple[pa.Table, pa.Table]:
-    """The actor's per-image rows -> (images rows, faces rows) in the table contract."""
-    n = batch.num_rows
-    images = pa.table(
-        {
-            "image_id": batch["image_id"],
-            "uri": batch["uri"],
-            "etag": batch["etag"],
-            "size_bytes": batch["size_bytes"],
-            "width": batch["width"],
-            "height": batch["height"],
-            "format": batch["format"],
-            "status": batch["status"],
-            "error": batch["error"],
-            "num_faces": batch["num_faces"],
-            "pipeline_version": pa.array([version] * n, pa.string()),
-            "run_id": pa.array([run_id] * n, pa.string()),
-            "indexed_at": pa.array([indexed_at] * n, pa.timestamp("us", tz="UTC")),
-        }
-    )
-    faces_col = batch["faces"].combine_chunks()
-    parents = pc.list_parent_indices(faces_col)
-    flat = pc.list_flatten(faces_col)
-    m = len(flat)
-    columns = {"image_id": pc.take(batch["image_id"], parents)}
-    for name in FACE_STRUCT.names:
-        columns[name] = flat.field(name)
-    columns["pipeline_version"] = pa.array([version] * m, pa.string())
-    columns["run_id"] = pa.array([run_id] * m, pa.string())
-    faces = pa.table(columns)
-    return images, faces
-
-
 def _abort_quietly(writer: RunWriter) -> None:
     """Delete a failed run's staged files; when storage is what failed, that may fail too, and then
     the next run's recovery discards them (they have no READY marker): the run's own error matters."""
@@ -385,23 +199,6 @@ def _count_fetch_errors(images_rows: pa.Table, counter: Counter) -> None:
     failed = images_rows.filter(pc.equal(images_rows["status"], "fetch_failed"))
     for uri, error in zip(failed["uri"].to_pylist(), failed["error"].to_pylist()):
         counter[(error or "").replace(uri, "<uri>")] += 1
-
-
-REPLACED_SCHEMA = pa.schema([("image_id", pa.string()), ("pipeline_version", pa.string())])
-
-
-def stage_replaced_ids(plan, version: str, out: Out, run_id: str) -> None:
-    """Stream the ids of the planned objects that already have a row (changed, retry, or anything
-    but new under --full) to OUT/_staging/<run>/replaced.parquet, for publishing.remove_superseded."""
-    import pyarrow.parquet as pq
-
-    location = out.replaced_ids(run_id)
-    with pq.ParquetWriter(location.fs_path(), REPLACED_SCHEMA, filesystem=out.fs) as writer:
-        for batch in plan.batches(rows=100_000):
-            ids = batch.column("image_id").filter(pc.not_equal(batch.column("change"), "new"))
-            if len(ids):
-                writer.write_batch(pa.RecordBatch.from_arrays(
-                    [ids, pa.array([version] * len(ids), pa.string())], schema=REPLACED_SCHEMA))
 
 
 def default_sizing(config: IndexConfig, resources: dict[str, float]) -> dict[str, Any]:
@@ -625,12 +422,7 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
     # which no older file holds) and, with --prune, the ids of objects gone from SOURCE.
     stage_replaced_ids(plan, version, out, run_id)
     if plan.deleted_ids_path:
-        import pyarrow.parquet as pq
-
-        with pq.ParquetWriter(out.pruned_ids(run_id).fs_path(),
-                              pa.schema([("image_id", pa.string())]), filesystem=out.fs) as prune:
-            for batch in pq.ParquetFile(plan.deleted_ids_path, pre_buffer=False).iter_batches(columns=["image_id"]):
-                prune.write_batch(batch)
+        stage_pruned_ids(plan.deleted_ids_path, out, run_id)
     fault_point("staged-before-record")
     out.write_json(out.staged_record(run_id), record)
     fault_point("staged-after-record")

@@ -103,3 +103,31 @@ PLAN_SCHEMA = pa.schema(
         pa.field("mtime", pa.float64()),
     ]
 )
+
+
+# ------------------------------------------------------------------ rows between the Ray stages
+# Derived from the tables above, so that a column's type is declared once.
+
+def _nullable(schema: pa.Schema, names: tuple[str, ...]) -> list[pa.Field]:
+    return [schema.field(name).with_nullable(True) for name in names]
+
+
+# What a read task (reading.py) hands the inference actors: one row per object, with its decoded
+# pixels when status is 'ok'.
+DECODED_SCHEMA = pa.schema(
+    _nullable(IMAGES_SCHEMA, ("image_id", "uri", "etag", "size_bytes", "width", "height", "format", "status", "error"))
+    + [
+        pa.field("scale", pa.float32()),  # decoded pixels / original pixels (reduced-size JPEG decode)
+        pa.field("pix_h", pa.int32()),
+        pa.field("pix_w", pa.int32()),
+        pa.field("pixels", pa.large_binary()),  # RGB uint8, pix_h x pix_w x 3, row-major
+        pa.field("fetch_s", pa.float32()),
+        pa.field("decode_s", pa.float32()),
+    ]
+)
+
+# One face as the inference actors return it (a list of these per image): the faces columns that
+# the actor computes; image_id, pipeline_version and run_id are added by writing.split_output.
+FACE_STRUCT = pa.struct(
+    _nullable(FACES_SCHEMA, ("face_index", "box", "score", "landmarks", "embedding", "face_size", "roll", "yaw", "sharpness"))
+)

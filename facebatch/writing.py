@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import check_run_id
 from .out import Heartbeat, Out
-from .tables import TABLES
+from .tables import EMBEDDING_DIM, FACE_STRUCT, TABLES
 
 @dataclass
 class StagedTable:
@@ -116,3 +119,104 @@ class RunWriter:
         self.out.delete_tree(self.out.staging(self.run_id))
 
 
+# ------------------------------------------------------------------ inference output -> table rows
+
+
+def faces_array(results: list, n_rows: int, ok_idx: np.ndarray, embed: bool) -> pa.Array:
+    """One list<struct> entry per row of the batch (empty list for rows that are not ok)."""
+    per_row = [None] * n_rows
+    for i, res in zip(ok_idx, results):
+        per_row[i] = res
+    counts = np.array([0 if r is None else len(r) for r in per_row], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    present = [r for r in per_row if r is not None and len(r)]
+    total = int(counts.sum())
+
+    def cat(attr: str, shape: tuple) -> np.ndarray:
+        if not present:
+            return np.zeros((0, *shape), np.float32)
+        return np.concatenate([np.asarray(getattr(r, attr), np.float32).reshape(-1, *shape) for r in present])
+
+    def fixed(values: np.ndarray, width: int) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float32()), width)
+
+    face_index = np.concatenate([np.arange(len(r), dtype=np.int32) for r in present]) if present else np.zeros(0, np.int32)
+    if embed:
+        embedding = fixed(cat("embeddings", (EMBEDDING_DIM,)), EMBEDDING_DIM)
+    else:
+        embedding = pa.nulls(total, pa.list_(pa.float32(), EMBEDDING_DIM))
+    struct = pa.StructArray.from_arrays(
+        [
+            pa.array(face_index, pa.int32()),
+            fixed(cat("boxes", (4,)), 4),
+            pa.array(cat("scores", ()), pa.float32()),
+            fixed(cat("landmarks", (5, 2)), 10),
+            embedding,
+            pa.array(cat("face_size", ()), pa.float32()),
+            pa.array(cat("roll", ()), pa.float32()),
+            pa.array(cat("yaw", ()), pa.float32()),
+            pa.array(cat("sharpness", ()), pa.float32()),
+        ],
+        fields=list(FACE_STRUCT),
+    )
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), struct)
+
+
+def split_output(batch: pa.Table, version: str, run_id: str, indexed_at: datetime) -> tuple[pa.Table, pa.Table]:
+    """The actor's per-image rows -> (images rows, faces rows) in the table contract."""
+    n = batch.num_rows
+    images = pa.table(
+        {
+            "image_id": batch["image_id"],
+            "uri": batch["uri"],
+            "etag": batch["etag"],
+            "size_bytes": batch["size_bytes"],
+            "width": batch["width"],
+            "height": batch["height"],
+            "format": batch["format"],
+            "status": batch["status"],
+            "error": batch["error"],
+            "num_faces": batch["num_faces"],
+            "pipeline_version": pa.array([version] * n, pa.string()),
+            "run_id": pa.array([run_id] * n, pa.string()),
+            "indexed_at": pa.array([indexed_at] * n, pa.timestamp("us", tz="UTC")),
+        }
+    )
+    faces_col = batch["faces"].combine_chunks()
+    parents = pc.list_parent_indices(faces_col)
+    flat = pc.list_flatten(faces_col)
+    m = len(flat)
+    columns = {"image_id": pc.take(batch["image_id"], parents)}
+    for name in FACE_STRUCT.names:
+        columns[name] = flat.field(name)
+    columns["pipeline_version"] = pa.array([version] * m, pa.string())
+    columns["run_id"] = pa.array([run_id] * m, pa.string())
+    faces = pa.table(columns)
+    return images, faces
+
+
+# ------------------------------------------------------------------ what the publish removes
+
+
+REPLACED_SCHEMA = pa.schema([("image_id", pa.string()), ("pipeline_version", pa.string())])
+
+
+def stage_replaced_ids(plan, version: str, out: Out, run_id: str) -> None:
+    """Stream the ids of the planned objects that already have a row (changed, retry, or anything
+    but new under --full) to OUT/_staging/<run>/replaced.parquet, for publishing.remove_superseded."""
+    location = out.replaced_ids(run_id)
+    with pq.ParquetWriter(location.fs_path(), REPLACED_SCHEMA, filesystem=out.fs) as writer:
+        for batch in plan.batches(rows=100_000):
+            ids = batch.column("image_id").filter(pc.not_equal(batch.column("change"), "new"))
+            if len(ids):
+                writer.write_batch(pa.RecordBatch.from_arrays(
+                    [ids, pa.array([version] * len(ids), pa.string())], schema=REPLACED_SCHEMA))
+
+
+def stage_pruned_ids(deleted_ids_path: str, out: Out, run_id: str) -> None:
+    """With --prune: the ids of the objects gone from SOURCE (the plan's spill file) to
+    OUT/_staging/<run>/prune.parquet, for publishing.remove_superseded."""
+    with pq.ParquetWriter(out.pruned_ids(run_id).fs_path(), pa.schema([("image_id", pa.string())]),
+                          filesystem=out.fs) as prune:
+        for batch in pq.ParquetFile(deleted_ids_path, pre_buffer=False).iter_batches(columns=["image_id"]):
+            prune.write_batch(batch)

@@ -319,7 +319,7 @@ class FakeAnalyzer:
 
 
 def decoded_batch(n: int) -> pa.Table:
-    from facebatch.pipeline import DECODED_SCHEMA
+    from facebatch.tables import DECODED_SCHEMA
 
     rows = []
     for i in range(n):

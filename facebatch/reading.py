@@ -1,0 +1,101 @@
+"""Reading: fetch a batch of objects and decode them, the body of the Ray read task.
+
+Plain Python (no Ray): `fetch_and_decode` runs as a Ray Data task on CPU workers when the actors
+hold GPUs, or inside the inference actors on CPU-only clusters (pipeline.py decides). Every object
+yields one row of tables.DECODED_SCHEMA, whatever happens to it: `ok` with its pixels, or an
+error status with a readable message (a bad photo never stops a run).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+
+from . import storage
+from .tables import DECODED_SCHEMA
+
+# Objects larger than this are not fetched at all (a 1 GiB "photo" is not one we can decode anyway).
+MAX_OBJECT_BYTES = 1 << 30
+
+
+def _decode_one(row: dict, data: bytes | None, fetch_error: str | None, max_pixels: int, max_side: int) -> dict:
+    from .decode import DecodeError, decode_image
+
+    out = {k: row.get(k) for k in ("image_id", "uri", "etag")}
+    out.update(size_bytes=row.get("size"), width=None, height=None, format=None, error=None, scale=None,
+               pix_h=None, pix_w=None, pixels=None, decode_s=0.0)
+    if fetch_error is not None:
+        out.update(status="fetch_failed", error=fetch_error)
+        return out
+    out["size_bytes"] = len(data)
+    t0 = time.perf_counter()
+    try:
+        img = decode_image(data, max_pixels=max_pixels, max_side=max_side)
+    except DecodeError as exc:
+        out.update(status=exc.status, error=exc.message)
+    except Exception as exc:  # a decoder bug must cost one row, never the run
+        out.update(status="corrupt", error=f"decoder failed: {type(exc).__name__}: {exc}")
+    else:
+        rgb = np.ascontiguousarray(img.rgb)
+        out.update(status="ok", width=img.width, height=img.height, format=img.format, scale=float(img.scale),
+                   pix_h=rgb.shape[0], pix_w=rgb.shape[1], pixels=rgb.tobytes())
+    out["decode_s"] = time.perf_counter() - t0
+    return out
+
+
+def die_once(variable: str) -> None:
+    """Fault-tolerance tests: the first worker to pass here exits hard (as on OOM-kill or a lost node).
+
+    The variable names a marker file; whoever creates it first dies, later calls run normally.
+    """
+    marker = os.environ.get(variable)
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os._exit(1)
+
+
+def fetch_and_decode(batch: pa.Table, *, retries: int, endpoint: str | None, max_pixels: int, max_side: int) -> pa.Table:
+    """Ray Data task: fetch a batch of objects concurrently (IO-bound), decode them one by one."""
+    die_once("FACEBATCH_FAULT_KILL_READ_TASK_ONCE")
+    rows = batch.to_pylist()
+
+    def fetch(row: dict) -> tuple[bytes | None, str | None, float]:
+        t0 = time.perf_counter()
+        size = row.get("size")
+        if size is not None and size > MAX_OBJECT_BYTES:
+            return None, f"object is {size:,} bytes, above the {MAX_OBJECT_BYTES:,}-byte fetch limit", 0.0
+        try:
+            data = storage.fetch_bytes(row["uri"], retries=retries, endpoint=endpoint)
+            return data, None, time.perf_counter() - t0
+        except storage.FetchError as exc:
+            return None, str(exc), time.perf_counter() - t0
+        except Exception as exc:  # unexpected client errors still become a row
+            return None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0
+
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(rows)))) as pool:
+        fetched = list(pool.map(fetch, rows))
+    out_rows = []
+    for row, (data, error, fetch_s) in zip(rows, fetched):
+        decoded = _decode_one(row, data, error, max_pixels, max_side)
+        decoded["fetch_s"] = fetch_s
+        out_rows.append(decoded)
+    return pa.Table.from_pylist(out_rows, schema=DECODED_SCHEMA)
+
+
+def decoded_images(batch: pa.Table, ok_idx: np.ndarray) -> list[np.ndarray]:
+    """Zero-copy views of the decoded pixels of the ok rows."""
+    pixels = batch.column("pixels").combine_chunks()
+    offsets = np.frombuffer(pixels.buffers()[1], dtype=np.int64)[pixels.offset : pixels.offset + len(pixels) + 1]
+    data = np.frombuffer(pixels.buffers()[2], dtype=np.uint8) if pixels.buffers()[2] is not None else np.zeros(0, np.uint8)
+    hs = batch.column("pix_h").to_numpy(zero_copy_only=False)
+    ws = batch.column("pix_w").to_numpy(zero_copy_only=False)
+    return [data[offsets[i] : offsets[i + 1]].reshape(int(hs[i]), int(ws[i]), 3) for i in ok_idx]

@@ -3,99 +3,76 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 from typing import Sequence
 
-from .config import ConfigError, DetectorParams, IndexConfig
+from .config import ConfigError, DetectorParams, IndexConfig, positive_int
 from .storage import StorageError
 from .summaries import format_people_summary, format_summary
 
 
-def _thresholds(text: str) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"thresholds must be three comma-separated numbers, got {text!r}")
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"thresholds must be three comma-separated numbers (P,R,O-Net), got {text!r}")
-    return values  # type: ignore[return-value]
+def _add_option(container, f: dataclasses.Field) -> None:
+    """The command-line option of one config field, from its metadata (config.cli_option)."""
+    spec = f.metadata["cli"]
+    if spec["positional"]:
+        container.add_argument(f.name, help=spec["help"])
+        return
+    kwargs: dict = {"dest": f.name, "help": spec["help"]}
+    if spec["required"]:
+        kwargs["required"] = True
+    else:
+        kwargs["default"] = f.default
+    if spec["action"] is not None:
+        kwargs["action"] = spec["action"]
+    if spec["parse"] is not None:
+        kwargs["type"] = spec["parse"]
+    container.add_argument(spec["flag"] or "--" + f.name.replace("_", "-"), **kwargs)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _option_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "cli" in f.metadata]
 
 
-def add_detector_options(parser: argparse.ArgumentParser) -> None:
-    defaults = DetectorParams()
+def add_detector_options(parser: argparse.ArgumentParser):
+    """The detector's options (DetectorParams' fields, and the device), in their own help group."""
     group = parser.add_argument_group("detector")
-    group.add_argument("--min-face-size", type=int, default=defaults.min_face_size, help="smallest face in pixels (default %(default)s)")
-    group.add_argument("--thresholds", type=_thresholds, default=defaults.thresholds, help="P-Net,R-Net,O-Net score thresholds (default 0.6,0.7,0.7)")
-    group.add_argument("--scale-factor", type=float, default=defaults.scale_factor, help="image pyramid scale factor (default %(default)s)")
-    group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: cuda when available)")
+    for f in _option_fields(DetectorParams) + [f for f in _option_fields(IndexConfig) if f.metadata["cli"]["group"] == "detector"]:
+        _add_option(group, f)
+    return group
 
 
 def add_index_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by `facebatch index` and jobs/index_archive.py (the `ray job submit` entrypoint)."""
-    parser.add_argument("source", help="local directory, s3://bucket/prefix, or a manifest .csv/.parquet with a 'uri' column")
-    parser.add_argument("--out", required=True, help="output root (local directory or s3://bucket/prefix)")
-    add_detector_options(parser)
-    defaults = IndexConfig(source="-", out="-")
-    group = parser.add_argument_group("decoding")
-    group.add_argument("--max-pixels", type=_positive_int, default=defaults.max_pixels, help="reject images above this many pixels, read from the header (default %(default)s)")
-    group.add_argument("--max-side", type=_positive_int, default=defaults.max_side, help="longest side the models see; bigger JPEGs use reduced-size decoding (default %(default)s)")
-    group.add_argument("--no-embed", action="store_true", help="detect faces only, no embeddings")
-    group = parser.add_argument_group("ray")
-    group.add_argument("--batch-size", type=_positive_int, help="images per inference batch (default 64 on GPU, 16 on CPU)")
-    group.add_argument("--num-actors", type=_positive_int, help="inference actors (default: one per GPU, or one per 4 CPUs)")
-    group.add_argument("--read-concurrency", type=_positive_int, help="concurrent fetch+decode tasks")
-    group.add_argument("--decode-tasks", action=argparse.BooleanOptionalAction, default=None,
-                       help="fetch+decode in separate Ray tasks (default on GPU clusters) or in the inference actors (default on CPU)")
-    group.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, or a local Ray instance)")
-    group.add_argument("--object-store-memory", type=_positive_int, help="object store bytes when starting a local Ray instance")
-    group = parser.add_argument_group("incremental")
-    group.add_argument("--full", action="store_true", help="reprocess every object, even those already indexed")
-    group.add_argument("--reprocess-errors", action="store_true", help="also retry objects whose last row has an error status")
-    group.add_argument("--prune", action="store_true", help="remove rows of objects no longer in SOURCE")
-    group.add_argument("--limit", type=_positive_int, help="process at most this many objects this run (for staged backfills)")
-    group.add_argument("--fetch-retries", type=int, default=defaults.fetch_retries, help="retries of a failing fetch (default %(default)s)")
-    group.add_argument("--max-error-rate", type=float, default=defaults.max_error_rate,
-                       help="fail the run, publishing nothing, when more than this fraction of its objects cannot be "
-                            "fetched (at least 20, or all when fewer): an outage, not bad photos (default %(default)s)")
-    group.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
-    group.add_argument("--run-id", help="explicit run id: letters, digits, '.', '_', '-' (default: UTC timestamp + random suffix)")
+    """Options shared by `facebatch index` and jobs/index_archive.py (the `ray job submit` entrypoint):
+    one per IndexConfig field (config.py declares each with its default and help), plus where Ray runs."""
+    groups = {None: parser}
+    for f in _option_fields(IndexConfig):
+        if f.metadata["cli"]["group"] is None:
+            _add_option(parser, f)  # SOURCE and --out, first
+    groups["detector"] = add_detector_options(parser)
+    for name in ("decoding", "ray", "incremental"):
+        groups[name] = parser.add_argument_group(name)
+    for names in (("decoding", "ray"), ("incremental",)):
+        for f in _option_fields(IndexConfig):
+            if f.metadata["cli"]["group"] in names:
+                _add_option(groups[f.metadata["cli"]["group"]], f)
+        if "ray" in names:
+            # Where the run happens, not what it computes: not part of the config.
+            groups["ray"].add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, or a local Ray instance)")
+            groups["ray"].add_argument("--object-store-memory", type=positive_int,
+                                       help="object store bytes when starting a local Ray instance")
+
+
+def detector_params_from_args(args: argparse.Namespace) -> DetectorParams:
+    return DetectorParams(**{f.name: getattr(args, f.name) for f in _option_fields(DetectorParams)})
 
 
 def config_from_args(args: argparse.Namespace) -> IndexConfig:
-    return IndexConfig(
-        source=args.source,
-        out=args.out,
-        detector=DetectorParams(min_face_size=args.min_face_size, thresholds=tuple(args.thresholds), scale_factor=args.scale_factor),
-        max_pixels=args.max_pixels,
-        max_side=args.max_side,
-        embed=not args.no_embed,
-        device=args.device,
-        batch_size=args.batch_size,
-        num_actors=args.num_actors,
-        read_concurrency=args.read_concurrency,
-        decode_tasks=args.decode_tasks,
-        fetch_retries=args.fetch_retries,
-        max_error_rate=args.max_error_rate,
-        full=args.full,
-        reprocess_errors=args.reprocess_errors,
-        prune=args.prune,
-        limit=args.limit,
-        s3_endpoint=args.s3_endpoint,
-        run_id=args.run_id,
-    ).validate()
+    values = {f.name: getattr(args, f.name) for f in _option_fields(IndexConfig)}
+    return IndexConfig(detector=detector_params_from_args(args), **values).validate()
 
 
 def run_index_command(args: argparse.Namespace) -> int:
@@ -119,7 +96,7 @@ def run_detect_command(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    params = DetectorParams(min_face_size=args.min_face_size, thresholds=tuple(args.thresholds), scale_factor=args.scale_factor)
+    params = detector_params_from_args(args)
     params.validate()
     analyzer = FaceAnalyzer(device=args.device, detector_params=params, embed=args.embed)
 
@@ -206,8 +183,8 @@ def add_people_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", help="CSV or Parquet (local or s3://) with image_id, face_index, name: names seed persons")
     group = parser.add_argument_group("clustering")
     group.add_argument("--threshold", type=_fraction, default=defaults.threshold, help="same-person cosine similarity (default %(default)s)")
-    group.add_argument("--k", type=_positive_int, default=defaults.k, help="neighbours per face in the kNN graph (default %(default)s)")
-    group.add_argument("--min-size", type=_positive_int, default=defaults.min_size, help="smallest unlabelled cluster that becomes a person (default %(default)s)")
+    group.add_argument("--k", type=positive_int, default=defaults.k, help="neighbours per face in the kNN graph (default %(default)s)")
+    group.add_argument("--min-size", type=positive_int, default=defaults.min_size, help="smallest unlabelled cluster that becomes a person (default %(default)s)")
     group.add_argument("--knn", choices=["auto", "local", "ray"], default=defaults.knn,
                        help="build the kNN graph in this process or in Ray tasks (default auto: Ray on a cluster or above 200,000 faces)")
     group = parser.add_argument_group("quality filter (filtered faces stay searchable)")
@@ -331,10 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("paths", nargs="+")
     detect.add_argument("--json", action="store_true", help="JSON lines output (the only format; accepted for clarity)")
     detect.add_argument("--embed", action="store_true", help="add a 128-d L2-normalised embedding to every face")
-    detect.add_argument("--batch-size", type=_positive_int, default=8)
-    detect.add_argument("--max-pixels", type=_positive_int, default=100_000_000)
-    detect.add_argument("--max-side", type=_positive_int, default=None, help="decode at most this long side (default: full resolution)")
-    detect.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    detect.add_argument("--batch-size", type=positive_int, default=8)
+    detect.add_argument("--max-pixels", type=positive_int, default=100_000_000)
+    detect.add_argument("--max-side", type=positive_int, default=None, help="decode at most this long side (default: full resolution)")
+    detect.add_argument("--threads", type=positive_int, help="torch CPU threads")
     add_detector_options(detect)
     detect.set_defaults(func=run_detect_command)
 
@@ -344,12 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="build a small demo archive and index it on a local Ray instance")
     demo.add_argument("--out", default="demo-out", help="where to put the demo archive and tables (default %(default)s)")
-    demo.add_argument("--object-store-memory", type=_positive_int, default=512 * 1024 * 1024)
+    demo.add_argument("--object-store-memory", type=positive_int, default=512 * 1024 * 1024)
     demo.set_defaults(func=run_demo_command)
 
     compact = sub.add_parser("compact", help="merge a table's many small files into large files sorted by image_id")
     compact.add_argument("out", help="output root given to `facebatch index --out`")
-    compact.add_argument("--target-rows", type=_positive_int, default=2_000_000, help="rows per output file (default %(default)s)")
+    compact.add_argument("--target-rows", type=positive_int, default=2_000_000, help="rows per output file (default %(default)s)")
     compact.add_argument("--s3-endpoint")
     compact.set_defaults(func=run_compact_command)
 
@@ -360,12 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     search = sub.add_parser("search", help="find the indexed faces and persons most similar to the faces in photos")
     search.add_argument("photos", nargs="+", help="query photos (local paths or s3://)")
     search.add_argument("--index", required=True, help="the index root (OUT of `facebatch index` + `facebatch people`)")
-    search.add_argument("--top-k", type=_positive_int, default=20, help="matches per query face (default %(default)s)")
+    search.add_argument("--top-k", type=positive_int, default=20, help="matches per query face (default %(default)s)")
     search.add_argument("--min-similarity", type=_fraction, default=-1.0, help="drop matches below this cosine similarity (default: none)")
     search.add_argument("--pipeline-version", help="search this version's index (default: the newest)")
     search.add_argument("--json", action="store_true", help="one JSON object per photo")
     search.add_argument("--device", default="auto")
-    search.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    search.add_argument("--threads", type=positive_int, help="torch CPU threads")
     search.add_argument("--s3-endpoint")
     search.set_defaults(func=run_search_command)
     return parser

@@ -2,23 +2,58 @@
 
 Bad values fail fast with a message that says what to fix: `ConfigError` is raised before
 any cluster work starts, and the CLI turns it into a one-line error with exit code 2.
+
+Each knob is declared once, as a field: its type, its default, and (in the field's metadata,
+see `cli_option`) its command-line form and help. facebatch.cli builds the options of `facebatch
+index` and jobs/index_archive.py from these fields, and the run's config from the parsed options.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 
 from .errors import ConfigError  # noqa: F401  (facebatch.config.ConfigError is the name callers use)
 
 
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def cli_option(help: str, group: str | None = None, *, flag: str | None = None, parse: Callable | None = None,
+               action: Any = None, positional: bool = False, required: bool = False) -> dict[str, Any]:
+    """A field's command-line form (metadata read by facebatch.cli): `--<name-with-dashes>` unless
+    `flag` says otherwise, in the help group `group`, with the field's default."""
+    return {"cli": {"help": help, "group": group, "flag": flag, "parse": parse, "action": action,
+                    "positional": positional, "required": required}}
+
+
+def positive_int(text: str) -> int:
+    """An option's text as an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def thresholds_arg(text: str) -> tuple[float, float, float]:
+    """`0.6,0.7,0.7` as the three cascade thresholds."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"thresholds must be three comma-separated numbers, got {text!r}")
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"thresholds must be three comma-separated numbers (P,R,O-Net), got {text!r}")
+    return values  # type: ignore[return-value]
 
 # A run id names files and folders under OUT (_staging/<id>/, <table>/<id>.parquet, _runs/<id>.json):
 # one plain path segment, never a way out of OUT.
@@ -38,9 +73,12 @@ def check_run_id(run_id: str) -> str:
 class DetectorParams:
     """Parameters that change detection results (part of the pipeline version)."""
 
-    min_face_size: int = 20
-    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
-    scale_factor: float = 0.709
+    min_face_size: int = field(default=20, metadata=cli_option(
+        "smallest face in pixels (default %(default)s)", "detector", parse=int))
+    thresholds: tuple[float, float, float] = field(default=(0.6, 0.7, 0.7), metadata=cli_option(
+        "P-Net,R-Net,O-Net score thresholds (default 0.6,0.7,0.7)", "detector", parse=thresholds_arg))
+    scale_factor: float = field(default=0.709, metadata=cli_option(
+        "image pyramid scale factor (default %(default)s)", "detector", parse=float))
 
     def validate(self) -> None:
         if not isinstance(self.min_face_size, int) or self.min_face_size < 12:
@@ -55,38 +93,59 @@ class DetectorParams:
 class IndexConfig:
     """One indexing run: `facebatch index SOURCE --out OUT` and jobs/index_archive.py."""
 
-    source: str
-    out: str
-    detector: DetectorParams = field(default_factory=DetectorParams)
+    source: str = field(metadata=cli_option(
+        "local directory, s3://bucket/prefix, or a manifest .csv/.parquet with a 'uri' column", positional=True))
+    out: str = field(metadata=cli_option("output root (local directory or s3://bucket/prefix)", required=True))
+    detector: DetectorParams = field(default_factory=DetectorParams)  # its fields are options of their own
     # Decoding. max_pixels guards against decompression bombs (checked from the header, before
     # decoding); max_side bounds the resolution the models see (JPEGs use reduced-size DCT decode).
-    max_pixels: int = 100_000_000
-    max_side: int = 2048
-    embed: bool = True
-    device: str = "auto"
+    max_pixels: int = field(default=100_000_000, metadata=cli_option(
+        "reject images above this many pixels, read from the header (default %(default)s)", "decoding", parse=positive_int))
+    max_side: int = field(default=2048, metadata=cli_option(
+        "longest side the models see; bigger JPEGs use reduced-size decoding (default %(default)s)", "decoding",
+        parse=positive_int))
+    embed: bool = field(default=True, metadata=cli_option(
+        "detect faces only, no embeddings", "decoding", flag="--no-embed", action="store_false"))
+    device: str = field(default="auto", metadata=cli_option(
+        "auto | cpu | cuda | cuda:N (default auto: cuda when available)", "detector"))
     # Ray sizing; None = derived from the cluster's resources when the run starts.
-    batch_size: int | None = None
-    num_actors: int | None = None
-    read_concurrency: int | None = None
+    batch_size: int | None = field(default=None, metadata=cli_option(
+        "images per inference batch (default 64 on GPU, 16 on CPU)", "ray", parse=positive_int))
+    num_actors: int | None = field(default=None, metadata=cli_option(
+        "inference actors (default: one per GPU, or one per 4 CPUs)", "ray", parse=positive_int))
+    read_concurrency: int | None = field(default=None, metadata=cli_option(
+        "concurrent fetch+decode tasks", "ray", parse=positive_int))
     # Fetch + decode in separate Ray tasks (True) or inside the inference actors (False);
     # None = separate on GPU clusters (keeps the GPUs fed), inside the actors on CPU-only ones.
-    decode_tasks: bool | None = None
+    decode_tasks: bool | None = field(default=None, metadata=cli_option(
+        "fetch+decode in separate Ray tasks (default on GPU clusters) or in the inference actors (default on CPU)", "ray",
+        action=argparse.BooleanOptionalAction))
+    # Incremental behaviour.
+    full: bool = field(default=False, metadata=cli_option(
+        "reprocess every object, even those already indexed", "incremental", action="store_true"))
+    reprocess_errors: bool = field(default=False, metadata=cli_option(
+        "also retry objects whose last row has an error status", "incremental", action="store_true"))
+    prune: bool = field(default=False, metadata=cli_option(
+        "remove rows of objects no longer in SOURCE", "incremental", action="store_true"))
+    limit: int | None = field(default=None, metadata=cli_option(
+        "process at most this many objects this run (for staged backfills)", "incremental", parse=positive_int))
     # Fetch retries (S3 throttling / 5xx, flaky disks) before an object gets an error row.
-    fetch_retries: int = 5
+    fetch_retries: int = field(default=5, metadata=cli_option(
+        "retries of a failing fetch (default %(default)s)", "incremental", parse=int))
     # A run whose objects mostly fail to fetch (expired credentials, AccessDenied, an unreachable
     # endpoint) fails instead of publishing a table of error rows: above this fraction of
     # fetch_failed objects (and at least 20 of them, or all when fewer;
     # see pipeline.too_many_fetch_failures) nothing is published.
-    max_error_rate: float = 0.5
-    # Incremental behaviour.
-    full: bool = False
-    reprocess_errors: bool = False
-    prune: bool = False
-    limit: int | None = None
+    max_error_rate: float = field(default=0.5, metadata=cli_option(
+        "fail the run, publishing nothing, when more than this fraction of its objects cannot be "
+        "fetched (at least 20, or all when fewer): an outage, not bad photos (default %(default)s)", "incremental",
+        parse=float))
     # S3-compatible endpoint; None = boto3's own chain (AWS_ENDPOINT_URL[_S3], config files).
-    s3_endpoint: str | None = None
-    run_id: str | None = None
-    rows_per_row_group: int = 50_000
+    s3_endpoint: str | None = field(default=None, metadata=cli_option(
+        "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)", "incremental"))
+    run_id: str | None = field(default=None, metadata=cli_option(
+        "explicit run id: letters, digits, '.', '_', '-' (default: UTC timestamp + random suffix)", "incremental"))
+    rows_per_row_group: int = 50_000  # not an option: tests and benchmarks set it
 
     def validate(self) -> "IndexConfig":
         if not self.source:

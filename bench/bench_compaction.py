@@ -13,7 +13,6 @@ before and after compaction.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import tempfile
@@ -26,9 +25,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from facebatch import tables
-from facebatch.compact import compact
-from facebatch.out import Out
+import benchlib  # first: puts this checkout's facebatch on sys.path
+from facebatch import tables  # noqa: E402
+from facebatch.compact import compact  # noqa: E402
+from facebatch.out import Out  # noqa: E402
 
 
 def build(out: Path, faces: int, nights: int, seed: int = 0) -> list[str]:
@@ -105,7 +105,7 @@ def time_queries(out: Path, ids: list[str], repeats: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchlib.parser(__doc__)
     parser.add_argument("--faces", type=int, default=1_000_000)
     parser.add_argument("--nights", type=int, default=365)
     parser.add_argument("--repeats", type=int, default=5)

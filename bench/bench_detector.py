@@ -16,22 +16,18 @@ Timings are wall clock.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import benchlib
+from benchlib import SHARED
 
 from facebatch.detector import MTCNNDetector  # noqa: E402
 
-SHARED = Path(os.environ.get("FACEBATCH_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def load_images(limit: int | None):
@@ -72,7 +68,7 @@ def run_pass(detector, images, batch_size, repeats):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchlib.parser(__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-sizes", default="1,32")
     parser.add_argument("--limit", type=int, default=None, help="first N images only")

@@ -9,15 +9,12 @@ enough to go through the pyramid). Prints a small table; timings are best-of-N w
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import benchlib
 
 from facebatch.alignment import align_faces  # noqa: E402
 from facebatch.dlib_model import load_dlib_resnet, read_dlib_resnet  # noqa: E402
@@ -41,7 +38,7 @@ def best_time(function, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchlib.parser(__doc__)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)

@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import benchlib
+from benchlib import REPO
 
 VERSION = "v1-bench"
 FILE_ROWS = 2_000_000
@@ -173,7 +173,7 @@ def step(kind: str, source: str, out: str, run_id: str) -> dict:
 
 
 def run_step(*args: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+    env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
     done = subprocess.run([sys.executable, __file__, "--step", *args], env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"step {args} failed:\n{done.stderr[-3000:]}")
@@ -185,7 +185,7 @@ def folder_bytes(path: Path) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchlib.parser(__doc__, whole_doc=True)
     parser.add_argument("--work", default="/tmp/facebatch-nightly-bench")
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--new", type=int, default=10_000)

@@ -16,9 +16,7 @@
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -27,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchlib
 
 from bench.synthetic_people import generate  # noqa: E402
 from facebatch import clustering as C  # noqa: E402
@@ -96,7 +94,7 @@ def split_new(img: np.ndarray, n_new: int, seed: int) -> np.ndarray:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = benchlib.parser(__doc__)
     ap.add_argument("--faces", type=int, default=1_000_000)
     ap.add_argument("--new", type=int, default=10_000)
     ap.add_argument("--query-faces", type=int, default=3)

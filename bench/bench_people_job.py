@@ -13,9 +13,7 @@ median latency of one query photo (3 faces) after loading.
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -25,9 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+import benchlib
 
 from facebatch import evaluation, tables  # noqa: E402
 from facebatch.people import PeopleConfig, SearchIndex, run_people  # noqa: E402
@@ -108,7 +104,7 @@ def bcubed_f(out: Path, truth_of: dict) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchlib.parser(__doc__)
     parser.add_argument("--faces", type=int, default=1_000_000)
     parser.add_argument("--new", type=int, default=10_000)
     parser.add_argument("--out", type=Path, default=Path("/tmp/facebatch-people-bench"))

@@ -13,7 +13,7 @@ peak memory (driver + Ray workers, sampled every 0.5 s).
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -25,8 +25,9 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared" / "data" / "faces"
+import benchlib
+
+CORPUS = benchlib.SHARED / "faces"
 
 
 class MemorySampler:
@@ -63,8 +64,8 @@ class MemorySampler:
 
 
 def corpus_files(limit: int | None) -> list[Path]:
-    manifest = json.loads((SHARED / "MANIFEST.json").read_text())
-    files = [SHARED / e["path"] for e in manifest["files"]
+    manifest = json.loads((CORPUS / "MANIFEST.json").read_text())
+    files = [CORPUS / e["path"] for e in manifest["files"]
              if e["set"] in ("detection", "identity") and e.get("kind") == "image" and not (e.get("image") or {}).get("undecodable")]
     return files[:limit] if limit else files
 
@@ -92,7 +93,7 @@ def bare_models(files: list[Path], batch_size: int, max_side: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchlib.parser(__doc__)
     parser.add_argument("--source", choices=("local", "s3"), default="local")
     parser.add_argument("--limit", type=int)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -100,12 +101,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="index the corpus this many times over (copies under other names), so start-up weighs less")
     args = parser.parse_args()
-    if not SHARED.is_dir():
-        sys.exit(f"shared corpus not found at {SHARED}")
+    if not CORPUS.is_dir():
+        sys.exit(f"shared corpus not found at {CORPUS}")
     files = corpus_files(args.limit) * args.repeat
     work = Path(tempfile.mkdtemp(prefix="facebatch-bench-pipeline-"))
     archive = work / "archive"
-    keys = [f"copy{i // (len(files) // args.repeat)}/{p.relative_to(SHARED)}" for i, p in enumerate(files)]
+    keys = [f"copy{i // (len(files) // args.repeat)}/{p.relative_to(CORPUS)}" for i, p in enumerate(files)]
     for path, key in zip(files, keys):
         dest = archive / key
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -113,30 +114,17 @@ def main() -> None:
 
     bare = bare_models(files, args.batch_size, args.max_side)
 
-    from facebatch.config import IndexConfig
-    from facebatch.pipeline import run_index
-
-    server = None
-    source, out = str(archive), str(work / "tables")
-    exclude: tuple[int, ...] = ()
-    if args.source == "s3":
-        sys.path.insert(0, str(REPO / "tests"))
-        from s3server import S3Server
-
-        server = S3Server(work)
-        os.environ.update(server.env())
-        client = server.client()
-        client.create_bucket(Bucket="bench")
-        for path, key in zip(files, keys):
-            client.put_object(Bucket="bench", Key=f"photos/{key}", Body=path.read_bytes())
-        source, out = "s3://bench/photos", "s3://bench/tables"
-        exclude = (server.process.pid,)
-    sampler = MemorySampler(exclude_pids=exclude)
-    t0 = time.perf_counter()
-    summary = run_index(IndexConfig(source=source, out=out, batch_size=args.batch_size, max_side=args.max_side).validate(),
-                        object_store_memory=512 * 2**20, progress=False)
-    wall = time.perf_counter() - t0
-    peak = sampler.stop()
+    with contextlib.ExitStack() as stack:
+        source, out = str(archive), str(work / "tables")
+        exclude: tuple[int, ...] = ()
+        if args.source == "s3":
+            server = stack.enter_context(benchlib.s3_server(work, "bench"))
+            client = server.client()
+            for path, key in zip(files, keys):
+                client.put_object(Bucket="bench", Key=f"photos/{key}", Body=path.read_bytes())
+            source, out = "s3://bench/photos", "s3://bench/tables"
+            exclude = (server.process.pid,)
+        summary, wall, peak = run_and_sample(source, out, args, exclude)
     record = summary.record
     sec = record["seconds"]
     n = len(files)
@@ -155,9 +143,20 @@ def main() -> None:
     print("stage seconds summed over workers: " + ", ".join(f"{k} {v:.2f}" for k, v in sec.items() if k.endswith("_cpu_sum")))
     print(f"faces: bare {bare['faces']}, end to end {record['faces']}; statuses {record['images_by_status']}")
     print(f"peak RSS driver + Ray workers: {peak:.0f} MiB; model load {bare['load_s']:.2f} s")
-    if server:
-        server.stop()
     shutil.rmtree(work, ignore_errors=True)
+
+
+def run_and_sample(source: str, out: str, args, exclude: tuple[int, ...]):
+    """The end-to-end run; its summary, wall seconds and the peak memory of the driver and the Ray workers."""
+    from facebatch.config import IndexConfig
+    from facebatch.pipeline import run_index
+
+    sampler = MemorySampler(exclude_pids=exclude)
+    t0 = time.perf_counter()
+    summary = run_index(IndexConfig(source=source, out=out, batch_size=args.batch_size, max_side=args.max_side).validate(),
+                        object_store_memory=512 * 2**20, progress=False)
+    wall = time.perf_counter() - t0
+    return summary, wall, sampler.stop()
 
 
 if __name__ == "__main__":

@@ -14,10 +14,7 @@ listing, planning, the object store, the actor pool's streaming and the writer.
 
 from __future__ import annotations
 
-import argparse
 import io
-import os
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "bench"))
+import benchlib
 
 
 def generated_photos(count: int, seed: int = 0) -> list[bytes]:
@@ -51,24 +46,25 @@ def generated_photos(count: int, seed: int = 0) -> list[bytes]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchlib.parser(__doc__)
     parser.add_argument("--objects", type=int, default=20_000)
     parser.add_argument("--distinct", type=int, default=300, help="distinct generated photos, reused under many keys")
     parser.add_argument("--every", type=float, default=30.0)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
 
+    work = Path(tempfile.mkdtemp(prefix="facebatch-bench-scale-"))
+    with benchlib.s3_server(work, "scale") as server:
+        run(args, server)
+
+
+def run(args, server) -> None:
     from bench_pipeline import MemorySampler
-    from s3server import S3Server
 
     from facebatch.config import IndexConfig
     from facebatch.pipeline import run_index
 
-    work = Path(tempfile.mkdtemp(prefix="facebatch-bench-scale-"))
-    server = S3Server(work)
-    os.environ.update(server.env())
     client = server.client()
-    client.create_bucket(Bucket="scale")
     photos = generated_photos(args.distinct)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:
@@ -97,7 +93,6 @@ def main() -> None:
     rec = summary.record
     print(f"total: {rec['processed']} images in {rec['seconds']['process']:.0f} s = {rec['images_per_second']:.1f} images/s; "
           f"plan {rec['seconds']['plan']:.1f} s; statuses {rec['images_by_status']}; faces {rec['faces']}; peak RSS {peak:.0f} MiB")
-    server.stop()
 
 
 if __name__ == "__main__":

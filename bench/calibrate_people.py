@@ -8,14 +8,11 @@ smaller ones; BCubed P/R/F, pairwise F and seconds of the clustering for each co
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchlib
 
 from bench.synthetic_people import generate  # noqa: E402
 from facebatch import clustering as C  # noqa: E402
@@ -23,7 +20,7 @@ from facebatch.evaluation import bcubed, pairwise_f  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = benchlib.parser(__doc__)
     ap.add_argument("--faces", type=int, default=200_000)
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20])

@@ -11,16 +11,13 @@ clusters below MIN_SIZE become -1. Printed: seconds (clustering only), BCubed P/
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchlib
 
 from bench.synthetic_people import generate  # noqa: E402
 from facebatch import clustering as C  # noqa: E402
@@ -117,7 +114,7 @@ CANDIDATES = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = benchlib.parser(__doc__)
     ap.add_argument("--faces", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--k", type=int, default=C.K)

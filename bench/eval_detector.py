@@ -13,22 +13,18 @@ reference did (Pillow, convert('RGB'), no EXIF transpose).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import benchlib
+from benchlib import SHARED
 
 from facebatch.detector import MTCNNDetector  # noqa: E402
 from facebatch.evaluation import box_iou  # noqa: E402
 
-SHARED = Path(os.environ.get("FACEBATCH_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def score_image(detections: np.ndarray, gt: np.ndarray, ignore: np.ndarray, min_iou: float):
@@ -60,7 +56,7 @@ def score_image(detections: np.ndarray, gt: np.ndarray, ignore: np.ndarray, min_
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchlib.parser(__doc__)
     parser.add_argument("--iou", type=float, default=0.4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")

@@ -14,9 +14,7 @@ the true-accept rate at 0.1% false accepts.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,12 +23,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import benchlib
+from benchlib import SHARED
 
 from facebatch.embedder import FaceEmbedder  # noqa: E402
 
-SHARED = Path(os.environ.get("FACEBATCH_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def load_rgb(path: Path) -> np.ndarray:
@@ -122,7 +119,7 @@ def mtcnn_landmarks(images: dict[str, np.ndarray], batch: int = 8) -> dict[str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchlib.parser(__doc__)
     parser.add_argument("--landmarks", choices=["mtcnn", "dlib68"], default="mtcnn")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the figures here")

@@ -29,9 +29,7 @@ budget check fails. ``--time-budget-s`` (default 420) stops the throughput sweep
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -40,16 +38,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+import benchlib
+from benchlib import SHARED
 
 from gpu_detector import sync, throughput  # noqa: E402  (reused, not duplicated)
 
 from facebatch.detector import MTCNNDetector  # noqa: E402
 from facebatch.evaluation import box_iou, greedy_match, parity_ok, reference_parity  # noqa: E402
 
-SHARED = Path(os.environ.get("FACEBATCH_SHARED_DATA", REPO.parent / "shared" / "data"))
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".avif"}
 
 
@@ -155,7 +151,7 @@ class AnalyzeAsDetect:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchlib.parser(__doc__)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--photos", type=Path, default=None, help="folder of photos (default: the shared corpus)")
     parser.add_argument("--limit", type=int, default=None, help="use the first N decodable photos")

@@ -20,23 +20,19 @@ GPU; on CPU use a small --limit (it runs, slowly).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import benchlib
+from benchlib import SHARED
 
 from facebatch.detector import MTCNNDetector  # noqa: E402
 from facebatch.evaluation import parity_ok, reference_parity  # noqa: E402
 
-SHARED = Path(os.environ.get("FACEBATCH_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def load_reference_images(limit):
@@ -101,7 +97,7 @@ def throughput(detector, images, batch_size, seconds):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchlib.parser(__doc__)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch-sizes", default="1,32,128")
     parser.add_argument("--limit", type=int, default=None)

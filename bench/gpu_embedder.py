@@ -13,15 +13,13 @@ chips/s of the alignment. A time budget stops the sweep early rather than overru
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import benchlib
 
 from facebatch.alignment import align_faces  # noqa: E402
 from facebatch.embedder import FaceEmbedder  # noqa: E402
@@ -67,7 +65,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchlib.parser(__doc__)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--limit", type=int, default=0, help="cap batch sizes and faces (CPU check)")
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop the sweep after this")

@@ -10,7 +10,6 @@ utilisation sampled with nvidia-smi every 0.5 s.
 
 from __future__ import annotations
 
-import argparse
 import io
 import shutil
 import statistics
@@ -21,8 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
+import benchlib
+from benchlib import REPO
 
 
 class GpuSampler:
@@ -53,7 +52,7 @@ class GpuSampler:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchlib.parser(__doc__)
     parser.add_argument("--objects", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda")

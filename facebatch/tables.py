@@ -131,3 +131,8 @@ DECODED_SCHEMA = pa.schema(
 FACE_STRUCT = pa.struct(
     _nullable(FACES_SCHEMA, ("face_index", "box", "score", "landmarks", "embedding", "face_size", "roll", "yaw", "sharpness"))
 )
+
+# What a run stages for its publish to remove from older files (out.Out.replaced_ids / pruned_ids):
+# the rows it replaces (image_id + pipeline_version) and, with --prune, the ids gone from SOURCE.
+REPLACED_IDS_SCHEMA = pa.schema(_nullable(IMAGES_SCHEMA, ("image_id", "pipeline_version")))
+PRUNED_IDS_SCHEMA = pa.schema(_nullable(IMAGES_SCHEMA, ("image_id",)))

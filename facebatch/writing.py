@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 
 from .config import check_run_id
 from .out import Heartbeat, Out
-from .tables import EMBEDDING_DIM, FACE_STRUCT, TABLES
+from .tables import EMBEDDING_DIM, FACE_STRUCT, IMAGES_SCHEMA, PRUNED_IDS_SCHEMA, REPLACED_IDS_SCHEMA, TABLES
+
 
 @dataclass
 class StagedTable:
@@ -179,7 +180,7 @@ def split_output(batch: pa.Table, version: str, run_id: str, indexed_at: datetim
             "num_faces": batch["num_faces"],
             "pipeline_version": pa.array([version] * n, pa.string()),
             "run_id": pa.array([run_id] * n, pa.string()),
-            "indexed_at": pa.array([indexed_at] * n, pa.timestamp("us", tz="UTC")),
+            "indexed_at": pa.array([indexed_at] * n, IMAGES_SCHEMA.field("indexed_at").type),
         }
     )
     faces_col = batch["faces"].combine_chunks()
@@ -198,25 +199,22 @@ def split_output(batch: pa.Table, version: str, run_id: str, indexed_at: datetim
 # ------------------------------------------------------------------ what the publish removes
 
 
-REPLACED_SCHEMA = pa.schema([("image_id", pa.string()), ("pipeline_version", pa.string())])
-
-
 def stage_replaced_ids(plan, version: str, out: Out, run_id: str) -> None:
     """Stream the ids of the planned objects that already have a row (changed, retry, or anything
     but new under --full) to OUT/_staging/<run>/replaced.parquet, for publishing.remove_superseded."""
     location = out.replaced_ids(run_id)
-    with pq.ParquetWriter(location.fs_path(), REPLACED_SCHEMA, filesystem=out.fs) as writer:
+    with pq.ParquetWriter(location.fs_path(), REPLACED_IDS_SCHEMA, filesystem=out.fs) as writer:
         for batch in plan.batches(rows=100_000):
             ids = batch.column("image_id").filter(pc.not_equal(batch.column("change"), "new"))
             if len(ids):
                 writer.write_batch(pa.RecordBatch.from_arrays(
-                    [ids, pa.array([version] * len(ids), pa.string())], schema=REPLACED_SCHEMA))
+                    [ids, pa.array([version] * len(ids), pa.string())], schema=REPLACED_IDS_SCHEMA))
 
 
 def stage_pruned_ids(deleted_ids_path: str, out: Out, run_id: str) -> None:
     """With --prune: the ids of the objects gone from SOURCE (the plan's spill file) to
     OUT/_staging/<run>/prune.parquet, for publishing.remove_superseded."""
-    with pq.ParquetWriter(out.pruned_ids(run_id).fs_path(), pa.schema([("image_id", pa.string())]),
+    with pq.ParquetWriter(out.pruned_ids(run_id).fs_path(), PRUNED_IDS_SCHEMA,
                           filesystem=out.fs) as prune:
         for batch in pq.ParquetFile(deleted_ids_path, pre_buffer=False).iter_batches(columns=["image_id"]):
             prune.write_batch(batch)

@@ -115,7 +115,7 @@ def _compact(out: storage.Location, fs: pafs.FileSystem, compaction_id: str, tar
             finish_compaction(out, compaction_id, endpoint, heartbeat)
         else:
             heartbeat.stop()
-            tables._delete_tree(fs, out.join("_staging", compaction_id))
+            tables.discard_staged(fs, out, compaction_id, endpoint)
     except OSError as exc:  # the journal's PUT, or a HEAD while checking the merged files
         raise storage.StorageError(f"compaction {compaction_id}: {exc}") from exc
     finally:

@@ -169,6 +169,8 @@ class RunWriter:
     staged: dict[str, StagedTable] = field(default_factory=dict)
     _buffers: dict[str, list[pa.Table]] = field(default_factory=dict)
     _buffered_rows: dict[str, int] = field(default_factory=dict)
+    # "open" while rows stream in; "complete" once READY is written; "aborted" after abort().
+    state: str = field(default="open", init=False)
 
     def __post_init__(self) -> None:
         check_run_id(self.run_id)
@@ -235,17 +237,20 @@ class RunWriter:
         ready = staging_location(self.out, self.run_id, "READY").fs_path()
         with self.fs.open_output_stream(ready) as fh:
             fh.write(json.dumps({name: s.rows for name, s in self.staged.items()}).encode())
+        self.state = "complete"
         return {name: s.rows for name, s in self.staged.items()}
 
     def abort(self) -> None:
-        """Give up this run: stop beating and delete what it staged (nothing of it was visible)."""
+        """Give up this run: stop beating, delete what it staged (nothing of it was visible) and
+        abort the uploads left open."""
+        self.state = "aborted"
         for staged in self.staged.values():
             try:
                 staged.writer.close()
             except OSError:
                 pass  # the folder is deleted below; recovery discards it should that fail too
         self.heartbeat.stop()
-        _delete_tree(self.fs, self.out.join("_staging", self.run_id))
+        discard_staged(self.fs, self.out, self.run_id, self.endpoint)
 
 
 def staging_location(out: storage.Location, run_id: str, name: str) -> storage.Location:
@@ -470,6 +475,11 @@ def publish_run(out: storage.Location, run_id: str, record: dict[str, Any], endp
     a slow publish for an abandoned one; it stops just before the staging folder is deleted."""
     fs = storage.arrow_filesystem(out, endpoint)
     supersede = SupersedeStats()
+    if out.is_s3:
+        # An earlier attempt of this publish that was killed while rewriting a file left its upload
+        # open (S3 keeps the parts, unseen, until aborted); this attempt writes the file again.
+        for name in ("images", "faces"):
+            storage.abort_open_uploads(out.join(name), endpoint, key_suffix=f"-r{run_id}.parquet")
     remove_superseded(out, run_id, endpoint, supersede)
     record = dict(record, superseded_rows_removed=supersede.rows_removed,
                   superseded_files_rewritten=supersede.files_rewritten,
@@ -560,6 +570,13 @@ def delete_file(fs: pafs.FileSystem, fs_path: str, uri: str) -> None:
         raise storage.storage_error("DELETE", uri, exc) from exc
 
 
+def discard_staged(fs: pafs.FileSystem, out: storage.Location, run_id: str, endpoint: str | None) -> None:
+    """Delete what a failed or crashed run staged, and abort the multipart uploads it left open."""
+    location = out.join("_staging", run_id)
+    storage.abort_open_uploads(location, endpoint)
+    _delete_tree(fs, location)
+
+
 def _delete_tree(fs: pafs.FileSystem, location: storage.Location) -> None:
     try:
         fs.delete_dir(location.fs_path())
@@ -602,7 +619,7 @@ def recover_staging(out: storage.Location, endpoint: str | None = None) -> list[
 
             finished = finish_people_swap(out, run_id, endpoint)
             if not finished:
-                _delete_tree(fs, out.join("_staging", run_id))
+                discard_staged(fs, out, run_id, endpoint)
             actions.append({"run_id": run_id, "action": "finished people run" if finished else "discarded people run"})
             continue
         if run_id.startswith("compact-"):
@@ -610,7 +627,7 @@ def recover_staging(out: storage.Location, endpoint: str | None = None) -> list[
 
             finished = finish_compaction(out, run_id, endpoint)
             if not finished:
-                _delete_tree(fs, out.join("_staging", run_id))
+                discard_staged(fs, out, run_id, endpoint)
             actions.append({"run_id": run_id, "action": "finished compaction" if finished else "discarded compaction"})
             continue
         ready = read_json(fs, staging_location(out, run_id, "READY"))
@@ -620,7 +637,7 @@ def recover_staging(out: storage.Location, endpoint: str | None = None) -> list[
             publish_run(out, run_id, staged_record, endpoint)
             actions.append({"run_id": run_id, "action": "published"})
         else:
-            _delete_tree(fs, out.join("_staging", run_id))
+            discard_staged(fs, out, run_id, endpoint)
             actions.append({"run_id": run_id, "action": "discarded"})
     return actions
 

@@ -54,7 +54,10 @@ def add_index_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-embed", action="store_true", help="detect faces only, no embeddings")
     group = parser.add_argument_group("ray")
     group.add_argument("--batch-size", type=_positive_int, help="images per inference batch (default 64 on GPU, 16 on CPU)")
-    group.add_argument("--num-actors", type=_positive_int, help="inference actors (default: one per GPU, or one per 4 CPUs)")
+    group.add_argument("--num-actors", type=_positive_int, help="inference actors to start with (default: one per GPU, or one per 4 CPUs)")
+    group.add_argument("--max-actors", type=_positive_int,
+                       help="let the actor pool grow up to this many while work is queued (autoscaling clusters add "
+                            "GPU nodes for them) and shrink when idle (default: --num-actors, a fixed pool)")
     group.add_argument("--read-concurrency", type=_positive_int, help="concurrent fetch+decode tasks")
     group.add_argument("--decode-tasks", action=argparse.BooleanOptionalAction, default=None,
                        help="fetch+decode in separate Ray tasks (default on GPU clusters) or in the inference actors (default on CPU)")
@@ -84,6 +87,7 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
         device=args.device,
         batch_size=args.batch_size,
         num_actors=args.num_actors,
+        max_actors=args.max_actors,
         read_concurrency=args.read_concurrency,
         decode_tasks=args.decode_tasks,
         fetch_retries=args.fetch_retries,

@@ -85,7 +85,7 @@ def _compact(out: Out, compaction_id: str, target_rows: int, row_group_size: int
             finish_compaction(out, compaction_id, heartbeat)
         else:
             heartbeat.stop()
-            out.delete_tree(out.staging(compaction_id))
+            out.discard_staged(compaction_id)
     except OSError as exc:  # the journal's PUT, or a HEAD while checking the merged files
         raise storage.StorageError(f"compaction {compaction_id}: {exc}") from exc
     finally:

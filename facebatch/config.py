@@ -111,8 +111,14 @@ class IndexConfig:
     # Ray sizing; None = derived from the cluster's resources when the run starts.
     batch_size: int | None = field(default=None, metadata=cli_option(
         "images per inference batch (default 64 on GPU, 16 on CPU)", "ray", parse=positive_int))
+    # The inference actor pool: num_actors to start with (the minimum), growing up to max_actors
+    # while work is queued when the cluster can add nodes (KubeRay / `ray up` autoscaling), and
+    # shrinking when idle. None = one per GPU present (one per 4 CPUs on CPU), and max = min.
     num_actors: int | None = field(default=None, metadata=cli_option(
-        "inference actors (default: one per GPU, or one per 4 CPUs)", "ray", parse=positive_int))
+        "inference actors to start with (default: one per GPU, or one per 4 CPUs)", "ray", parse=positive_int))
+    max_actors: int | None = field(default=None, metadata=cli_option(
+        "let the actor pool grow up to this many while work is queued (autoscaling clusters add "
+        "GPU nodes for them) and shrink when idle (default: --num-actors, a fixed pool)", "ray", parse=positive_int))
     read_concurrency: int | None = field(default=None, metadata=cli_option(
         "concurrent fetch+decode tasks", "ray", parse=positive_int))
     # Fetch + decode in separate Ray tasks (True) or inside the inference actors (False);
@@ -153,12 +159,22 @@ class IndexConfig:
         if not self.out:
             raise ConfigError("--out is required: a local directory or s3://bucket/prefix for the tables")
         self.detector.validate()
-        if self.device not in DEVICES and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
-        for name in ("batch_size", "num_actors", "read_concurrency", "limit"):
+        if self.device.startswith("cuda:"):
+            # Ray gives each inference actor its own GPU (it sets CUDA_VISIBLE_DEVICES per actor),
+            # so an index run cannot honour a device number: refused rather than silently changed.
+            raise ConfigError(
+                f"--device {self.device}: Ray assigns each inference actor its own GPU, so an index run takes "
+                "--device cuda (or auto) and --num-actors/--max-actors; to keep a machine's run off some "
+                "GPUs, start Ray there with CUDA_VISIBLE_DEVICES set (`facebatch detect` does take cuda:N)")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        for name in ("batch_size", "num_actors", "max_actors", "read_concurrency", "limit"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_actors is not None and self.num_actors is not None and self.max_actors < self.num_actors:
+            raise ConfigError(f"--max-actors {self.max_actors} is below --num-actors {self.num_actors}: "
+                              "the pool starts at --num-actors and grows up to --max-actors")
         if self.max_pixels < 1_000_000:
             raise ConfigError(f"max_pixels must be at least 1,000,000, got {self.max_pixels}")
         if not 64 <= self.max_side <= 65535:

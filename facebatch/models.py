@@ -102,6 +102,9 @@ def resolve_device(device=None):
         raise ValueError(f"unsupported device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailable(f"device {device!r} requested but CUDA is not available to torch {torch.__version__}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceUnavailable(f"device {device!r} requested but torch sees {torch.cuda.device_count()} CUDA device(s) "
+                                "(check CUDA_VISIBLE_DEVICES)")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())  # so that buffers compare equal
     return dev

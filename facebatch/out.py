@@ -240,6 +240,12 @@ class Out:
         except OSError as exc:
             raise storage.storage_error("DELETE folder", location.uri(), exc) from exc
 
+    def discard_staged(self, run_id: str) -> None:
+        """Delete what a failed or crashed run staged, and abort the multipart uploads it left open."""
+        location = self.staging(run_id)
+        storage.abort_open_uploads(location, self.endpoint)
+        self.delete_tree(location)
+
     def move(self, src: storage.Location, dst: storage.Location) -> None:
         """Move one file so that it appears at dst whole or not at all; a missing src means done already."""
         if self.is_s3:

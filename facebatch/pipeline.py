@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import __version__, gpumem, models, storage
+from . import __version__, gpumem, models, raylogs, storage
 from .config import IndexConfig, pipeline_version
 from .out import Out, active_heartbeats, fault_point
 from .publishing import publish_run
@@ -195,24 +195,39 @@ def _abort_quietly(writer: RunWriter) -> None:
         log.warning("could not delete the staged files of run %s (the next run discards them): %s", writer.run_id, exc)
 
 
+def _abort_if_incomplete(writer: RunWriter) -> None:
+    if writer.state == "open":
+        _abort_quietly(writer)
+
+
 def _count_fetch_errors(images_rows: pa.Table, counter: Counter) -> None:
     failed = images_rows.filter(pc.equal(images_rows["status"], "fetch_failed"))
     for uri, error in zip(failed["uri"].to_pylist(), failed["error"].to_pylist()):
         counter[(error or "").replace(uri, "<uri>")] += 1
 
 
-def default_sizing(config: IndexConfig, resources: dict[str, float]) -> dict[str, Any]:
-    """Pool and batch sizes from the cluster's resources, unless the config sets them."""
+def default_sizing(config: IndexConfig, resources: dict[str, float], can_add_nodes: bool = False) -> dict[str, Any]:
+    """Pool and batch sizes from the cluster's resources, unless the config sets them.
+
+    The actor pool starts at ``num_actors`` and may grow to ``max_actors`` (Ray Data's autoscaling
+    actor pool): on a cluster that can add nodes, the pending actors are what makes the autoscaler
+    add GPU workers, and idle ones are released so the nodes can go. ``can_add_nodes`` says the
+    run joined an existing cluster (which may autoscale from zero GPUs); a Ray instance this
+    process starts itself has only the GPUs it sees.
+    """
     cpus = max(1, int(resources.get("CPU", 1)))
     gpus = int(resources.get("GPU", 0))
-    use_gpu = config.device.startswith("cuda") or (config.device == "auto" and gpus > 0)
+    use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
     if use_gpu:
         if gpus < 1:
-            raise RuntimeError(f"device {config.device!r} asks for GPUs but the Ray cluster has none")
-        num_actors = config.num_actors or gpus
+            if not can_add_nodes:
+                raise RuntimeError(f"device {config.device!r} asks for GPUs but this Ray instance has none")
+            log.warning("no GPU in the Ray cluster yet: the inference actors wait for the autoscaler to add GPU nodes")
+        num_actors = config.num_actors or max(1, gpus)
         return {
             "device": "cuda",
             "num_actors": num_actors,
+            "max_actors": max(num_actors, config.max_actors or num_actors),
             "num_gpus": 1,
             "actor_cpus": 1,
             "torch_threads": None,
@@ -233,6 +248,7 @@ def default_sizing(config: IndexConfig, resources: dict[str, float]) -> dict[str
     return {
         "device": "cpu",
         "num_actors": num_actors,
+        "max_actors": max(num_actors, config.max_actors or num_actors),
         "num_gpus": 0,
         "actor_cpus": actor_cpus,
         "torch_threads": actor_cpus,
@@ -291,12 +307,16 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
     todo = plan.num_todo
     log.info("plan: %s -> %d to process (%s)", config.source, todo, plan.counts)
 
+    joined_cluster = bool(ray_address or os.environ.get("RAY_ADDRESS"))
     if not ray.is_initialized():
         init_kwargs: dict[str, Any] = {"address": ray_address, "log_to_driver": True, "include_dashboard": False}
-        if object_store_memory and not (ray_address or os.environ.get("RAY_ADDRESS")):
+        if object_store_memory and not joined_cluster:
             init_kwargs["object_store_memory"] = object_store_memory
+        raylogs.quiet_expected_log_messages()
         ray.init(**{k: v for k, v in init_kwargs.items() if v is not None})
-    sizing = default_sizing(config, ray.cluster_resources())
+    # After ray.init: the processes Ray starts must not inherit the filter's pipe.
+    on_exit.callback(raylogs.StderrLineFilter().close)
+    sizing = default_sizing(config, ray.cluster_resources(), can_add_nodes=joined_cluster)
 
     import ray.data
 
@@ -306,6 +326,8 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
 
     indexed_at = datetime.now(timezone.utc)
     writer = RunWriter(out, run_id, row_group_size=config.rows_per_row_group)
+    # A run that fails before its staged files are complete leaves neither them nor open uploads.
+    on_exit.callback(_abort_if_incomplete, writer)
     status_counts: dict[str, int] = {}
     # Fetch errors with the object's own name taken out, so that one outage counts as one message.
     fetch_errors: Counter[str] = Counter()
@@ -353,7 +375,8 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
             },
             # Ray Data restarts a lost actor and retries its batch (and retries lost read tasks)
             # by default, so a killed worker or a lost node costs time, not rows.
-            compute=ray.data.ActorPoolStrategy(size=sizing["num_actors"]),
+            # min = max is a fixed pool; a larger max lets it autoscale with the cluster.
+            compute=ray.data.ActorPoolStrategy(min_size=sizing["num_actors"], max_size=sizing["max_actors"]),
             num_cpus=sizing["actor_cpus"],
             num_gpus=sizing["num_gpus"],
         )

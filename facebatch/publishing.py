@@ -190,6 +190,11 @@ def publish_run(out: Out, run_id: str, record: dict[str, Any], heartbeat: Heartb
     The run's heartbeat (when given) keeps beating while it publishes, so that no other run takes
     a slow publish for an abandoned one; it stops just before the staging folder is deleted."""
     supersede = SupersedeStats()
+    if out.is_s3:
+        # An earlier attempt of this publish that was killed while rewriting a file left its upload
+        # open (S3 keeps the parts, unseen, until aborted); this attempt writes the file again.
+        for name in ("images", "faces"):
+            storage.abort_open_uploads(out.table_dir(name), out.endpoint, key_suffix=f"-r{run_id}.parquet")
     remove_superseded(out, run_id, supersede)
     record = dict(record, superseded_rows_removed=supersede.rows_removed,
                   superseded_files_rewritten=supersede.files_rewritten,

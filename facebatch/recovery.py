@@ -51,7 +51,7 @@ def recover_staging(out: Out) -> list[dict[str, str]]:
         if kind is not None:
             finished = swap.finish_swap(out, kind, run_id)
             if not finished:
-                out.delete_tree(out.staging(run_id))
+                out.discard_staged(run_id)
             actions.append({"run_id": run_id, "action": kind.finished_action if finished else kind.discarded_action})
             continue
         ready = out.read_json(out.ready_marker(run_id))
@@ -61,6 +61,6 @@ def recover_staging(out: Out) -> list[dict[str, str]]:
             publish_run(out, run_id, staged_record)
             actions.append({"run_id": run_id, "action": "published"})
         else:
-            out.delete_tree(out.staging(run_id))
+            out.discard_staged(run_id)
             actions.append({"run_id": run_id, "action": "discarded"})
     return actions

@@ -11,6 +11,7 @@ object's name, so that no caller mistakes a failed request for a missing object.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import threading
@@ -31,6 +32,8 @@ os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
 import pyarrow.fs as pafs  # noqa: E402  (after the environment above)
 
 from .errors import ConfigError  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 # pyarrow's S3 requests (Parquet writes and reads, listings, deletes) retry throttling and 5xx
 # like boto3 does; the SDK's default of 3 attempts gives up too soon under S3 SlowDown. Ten
@@ -158,6 +161,46 @@ def is_not_found(exc: BaseException) -> bool:
     error = exc.response.get("Error", {})
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return error.get("Code") in ("404", "NoSuchKey", "NotFound") or status == 404
+
+
+def abort_open_uploads(location: Location, endpoint: str | None = None, key_suffix: str = "") -> int:
+    """Abort the multipart uploads still open under an S3 prefix (of keys ending in key_suffix); returns how many.
+
+    A run that fails or is killed while pyarrow streams its staged Parquet files leaves their
+    multipart uploads open. S3 keeps (and bills) the uploaded parts of an open upload until it is
+    aborted, and they show in no listing of objects, so deleting the staged folder alone would
+    leak them. Stores that do not implement ListMultipartUploads (some S3-compatible servers
+    answer 501 NotImplemented) have nothing we could abort: that is logged, not raised.
+    """
+    if not location.is_s3:
+        return 0
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = s3_client(endpoint)
+    prefix = location.path.rstrip("/") + "/"
+    aborted = 0
+    try:
+        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=location.bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                if not upload["Key"].endswith(key_suffix):
+                    continue
+                try:
+                    client.abort_multipart_upload(Bucket=location.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") == "NoSuchUpload" or is_not_found(exc):
+                        continue  # completed or aborted meanwhile: nothing left open
+                    raise storage_error("ABORT upload of", f"s3://{location.bucket}/{upload['Key']}", exc) from exc
+                aborted += 1
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code")
+        if code in ("NotImplemented", "501") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 501:
+            log.info("%s does not list multipart uploads (%s): none to abort under %s", endpoint_url(endpoint) or "S3",
+                     code, location.uri())
+            return 0
+        raise storage_error("LIST uploads under", location.uri(), exc) from exc
+    except BotoCoreError as exc:
+        raise storage_error("LIST uploads under", location.uri(), exc) from exc
+    return aborted
 
 
 def arrow_filesystem(location: Location, endpoint: str | None = None) -> pafs.FileSystem:

@@ -44,6 +44,8 @@ class RunWriter:
     staged: dict[str, StagedTable] = field(default_factory=dict)
     _buffers: dict[str, list[pa.Table]] = field(default_factory=dict)
     _buffered_rows: dict[str, int] = field(default_factory=dict)
+    # "open" while rows stream in; "complete" once READY is written; "aborted" after abort().
+    state: str = field(default="open", init=False)
 
     def __post_init__(self) -> None:
         check_run_id(self.run_id)
@@ -107,17 +109,20 @@ class RunWriter:
         ready = self.out.ready_marker(self.run_id).fs_path()
         with self.out.fs.open_output_stream(ready) as fh:
             fh.write(json.dumps({name: s.rows for name, s in self.staged.items()}).encode())
+        self.state = "complete"
         return {name: s.rows for name, s in self.staged.items()}
 
     def abort(self) -> None:
-        """Give up this run: stop beating and delete what it staged (nothing of it was visible)."""
+        """Give up this run: stop beating, delete what it staged (nothing of it was visible) and
+        abort the uploads left open."""
+        self.state = "aborted"
         for staged in self.staged.values():
             try:
                 staged.writer.close()
             except OSError:
                 pass  # the folder is deleted below; recovery discards it should that fail too
         self.heartbeat.stop()
-        self.out.delete_tree(self.out.staging(self.run_id))
+        self.out.discard_staged(self.run_id)
 
 
 # ------------------------------------------------------------------ inference output -> table rows

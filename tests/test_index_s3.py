@@ -177,3 +177,14 @@ def test_index_on_an_s3_compatible_store_works_by_default(tmp_path, monkeypatch)
         assert not [p for p in (tmp_path / "served" / "photos-bucket" / "index" / "_staging").rglob("*") if p.is_file()]
     finally:
         server.stop()
+
+
+def test_a_clean_run_prints_no_error_level_line(indexed):
+    """A user takes an error-level line on every run for a failure (facebatch/raylogs.py)."""
+    import re
+
+    _, _, first, second, _ = indexed
+    for run in (first, second):
+        assert "constructor arguments in the object store" not in run.stderr
+        assert "Token authentication is enabled" not in run.stderr
+        assert not re.findall(r"^\[[^\]]* E \d+ \d+\]", run.stderr, re.M), run.stderr[-3000:]  # C++ error lines

@@ -189,9 +189,11 @@ def check_rayjob_spec(spec: dict) -> None:
     # The people run follows on the same OUT.
     assert_people_entrypoint_accepts(people, image_paths=True)
     assert people[2] == args.out
-    # The full GPU pool is asked for, so the autoscaler can grow to maxReplicas.
+    # The pool starts on the GPU pods present and may grow to maxReplicas (the autoscaler adds pods
+    # for its pending actors).
     assert args.device == "cuda"
-    assert args.num_actors == sum(g["maxReplicas"] for g in gpu_groups)
+    assert args.num_actors == sum(g["minReplicas"] for g in gpu_groups)
+    assert args.max_actors == sum(g["maxReplicas"] for g in gpu_groups)
 
 
 def test_rayjob():

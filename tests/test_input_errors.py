@@ -52,6 +52,8 @@ def test_escaping_run_id_exits_2_and_writes_nothing(tmp_path):
     (["compact", "{tmp}/nothing-here"], "holds no facebatch index"),
     (["compact", "{tmp}"], "holds no facebatch index"),
     (["compact", "gs://bucket/out"], "unsupported URI scheme 'gs'"),
+    (["index", "{tmp}", "--out", "{tmp}/out", "--device", "cuda:1"], "Ray assigns each inference actor its own GPU"),
+    (["index", "{tmp}", "--out", "{tmp}/out", "--num-actors", "3", "--max-actors", "2"], "is below --num-actors 3"),
 ])
 def test_input_errors_exit_2_with_a_message(tmp_path, args, message):
     run = cli(*[a.format(tmp=tmp_path) for a in args])

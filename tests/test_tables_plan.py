@@ -328,8 +328,30 @@ def test_default_sizing_follows_the_cluster():
     gpu = default_sizing(cfg, {"CPU": 32, "GPU": 4})
     assert gpu["device"] == "cuda" and gpu["num_actors"] == 4 and gpu["num_gpus"] == 1 and not gpu["decode_in_actor"]
     assert gpu["read_concurrency"] == 28 and gpu["batch_size"] == 64
+    assert gpu["max_actors"] == 4  # a fixed pool unless --max-actors says otherwise
     with pytest.raises(RuntimeError, match="has none"):
         default_sizing(IndexConfig(source="/x", out="/y", device="cuda").validate(), {"CPU": 8})
+
+
+def test_the_actor_pool_can_grow_with_the_cluster():
+    """KubeRay / `ray up` GPU workers scale from their minimum: the pool starts small and grows."""
+    from facebatch.pipeline import default_sizing
+
+    scaling = IndexConfig(source="/x", out="/y", device="cuda", num_actors=1, max_actors=4).validate()
+    # Joined a cluster that has no GPU node yet: the pending actor is what makes the autoscaler add one.
+    sizing = default_sizing(scaling, {"CPU": 4}, can_add_nodes=True)
+    assert (sizing["num_actors"], sizing["max_actors"], sizing["num_gpus"]) == (1, 4, 1)
+    assert default_sizing(IndexConfig(source="/x", out="/y", max_actors=3).validate(), {"CPU": 4})["max_actors"] == 3
+    with pytest.raises(ConfigError, match="below --num-actors"):
+        IndexConfig(source="/x", out="/y", num_actors=4, max_actors=2).validate()
+
+
+def test_an_index_run_refuses_a_gpu_number_instead_of_changing_it():
+    # Ray sets CUDA_VISIBLE_DEVICES per actor: cuda:1 could not mean what the user asked for.
+    with pytest.raises(ConfigError, match="Ray assigns each inference actor its own GPU"):
+        IndexConfig(source="/x", out="/y", device="cuda:1").validate()
+    with pytest.raises(ConfigError, match="device must be one of"):
+        IndexConfig(source="/x", out="/y", device="tpu").validate()
 
 
 def test_query_connect_on_an_index_without_faces(tmp_path):

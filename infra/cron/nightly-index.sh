@@ -9,8 +9,9 @@
 #   FACEBATCH_SOURCE   required: the archive (s3://bucket/prefix, or a manifest the cluster can read)
 #   FACEBATCH_OUT      required: output root (s3://bucket/prefix)
 #   RAY_ADDRESS        the cluster's job API (default http://127.0.0.1:8265)
-#   FACEBATCH_ARGS     more options for jobs/index_archive.py (default "--device cuda --num-actors 4":
-#                      keep --num-actors at the cluster's max GPU workers so the autoscaler adds them)
+#   FACEBATCH_ARGS     more options for jobs/index_archive.py (default "--device cuda --num-actors 1 --max-actors 4":
+#                      the actor pool starts at --num-actors and grows to --max-actors = the cluster's
+#                      max GPU workers, which the autoscaler adds while the pool's actors are pending)
 #   FACEBATCH_REPO     facebatch checkout uploaded as the job's working directory (default: the checkout
 #                      holding this script); its code runs on the cluster, on top of the image's packages
 #   FACEBATCH_LOG_DIR  one log file per run (default ~/.local/state/facebatch), kept 60 days
@@ -42,7 +43,7 @@ REPO_DIR="${FACEBATCH_REPO:-$(cd "$SCRIPT_DIR/../.." && pwd)}"
 LOG_DIR="${FACEBATCH_LOG_DIR:-$HOME/.local/state/facebatch}"
 LOCK_FILE="${FACEBATCH_LOCK:-$LOG_DIR/nightly.lock}"
 RAY_BIN="${RAY_BIN:-ray}"
-read -r -a EXTRA_ARGS <<< "${FACEBATCH_ARGS:---device cuda --num-actors 4}"
+read -r -a EXTRA_ARGS <<< "${FACEBATCH_ARGS:---device cuda --num-actors 1 --max-actors 4}"
 read -r -a PEOPLE_ARGS <<< "${FACEBATCH_PEOPLE_ARGS:-}"
 RUN_PEOPLE="${FACEBATCH_PEOPLE:-1}"
 [[ "$RUN_PEOPLE" == 0 || "$RUN_PEOPLE" == 1 ]] || die "FACEBATCH_PEOPLE must be 0 or 1, got $RUN_PEOPLE"

@@ -16,13 +16,13 @@ A crash or a storage error at any step leaves READY + record.json, and the next 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import storage
@@ -84,12 +84,12 @@ def remove_superseded(out: Out, run_id: str, stats: SupersedeStats | None = None
     - a file is opened by its footer; only row groups whose image_id statistics [min, max] can hold
       one of those ids are probed, reading the image_id and pipeline_version columns alone;
     - only files where the probe finds rows are rewritten (whole: Parquet has no partial rewrite).
-    A rewritten file is written under a NEW name (`<old-stem>-r<run_id>.parquet`) and the old file is
-    deleted after it: a published object is never overwritten while readers may be scanning it.
-    Between the two steps (one DELETE) a reader may see both files, i.e. the kept rows twice; a
-    crash there leaves both until the next run's recovery republishes this run, which rewrites the
-    old file again to the same new name (same content) and deletes it. The whole step is
-    idempotent. Returns the number of rows removed.
+    A rewritten file is written whole under the run's staging folder, then moved to a NEW name
+    (`<old-stem>-r<run_id>.parquet`), and the old file is deleted after it: a published object is
+    never overwritten while readers may be scanning it, and the new name never holds a partial
+    file. A crash between the move and the DELETE leaves both until the next run's recovery
+    republishes this run, which finds the new file in place and deletes the old one (the views
+    read only the new one meanwhile). The whole step is idempotent. Returns the number of rows removed.
     """
     stats = stats if stats is not None else SupersedeStats()
     staged_images = out.staged_table(run_id, "images")
@@ -158,15 +158,21 @@ def _supersede_file(out: Out, run_id: str, name: str, path: str,
             stats.files_deleted += 1
             return removed
         folder, base = path.rsplit("/", 1)
-        new_base = rewritten_name(base, run_id)
-        if out.is_s3:
-            # An S3 object (multipart upload) appears whole on completion, so the new key is written directly.
-            target = f"{folder}/{new_base}"
-        else:
-            target = out.staging(run_id, f"rewrite-{name}-{new_base}").fs_path()
-            out.ensure_parent_dir(target)
+        final = out.at_fs_path(f"{folder}/{rewritten_name(base, run_id)}")
+        if out.file_type(final.fs_path()) == pafs.FileType.File:
+            # An earlier attempt moved the rewrite into place (a move makes it appear whole) and was
+            # cut off before deleting the old file: only that delete is left to do.
+            stats.files_rewritten += 1
+            out.delete_file(path)
+            return removed
+        # Written under staging, then moved: readers take the new key instead of the old file as
+        # soon as it exists, so it must never exist truncated. (Writing it in place on S3 did: when
+        # reading the old file failed midway, closing the writer completed the upload of what had
+        # been written so far.)
+        staged = out.staging(run_id, f"rewrite-{name}-{final.path.rsplit('/', 1)[1]}")
+        out.ensure_parent_dir(staged.fs_path())
         row_group_rows = meta.row_group(0).num_rows
-        with pq.ParquetWriter(target, parquet.schema_arrow, filesystem=out.fs, compression="zstd",
+        with pq.ParquetWriter(staged.fs_path(), parquet.schema_arrow, filesystem=out.fs, compression="zstd",
                               write_statistics=True) as writer:
             # One row group at a time: memory is one row group, whatever the file's size.
             for i in range(meta.num_row_groups):
@@ -177,8 +183,7 @@ def _supersede_file(out: Out, run_id: str, name: str, path: str,
                     writer.write_table(group, row_group_size=row_group_rows)
     except OSError as exc:
         raise storage.storage_error(f"rewrite ({name} without superseded rows)", uri, exc) from exc
-    if not out.is_s3:
-        os.replace(target, f"{folder}/{new_base}")  # atomic rename within one filesystem
+    out.move(staged, final)
     stats.files_rewritten += 1
     out.delete_file(path)
     return removed
@@ -190,11 +195,6 @@ def publish_run(out: Out, run_id: str, record: dict[str, Any], heartbeat: Heartb
     The run's heartbeat (when given) keeps beating while it publishes, so that no other run takes
     a slow publish for an abandoned one; it stops just before the staging folder is deleted."""
     supersede = SupersedeStats()
-    if out.is_s3:
-        # An earlier attempt of this publish that was killed while rewriting a file left its upload
-        # open (S3 keeps the parts, unseen, until aborted); this attempt writes the file again.
-        for name in ("images", "faces"):
-            storage.abort_open_uploads(out.table_dir(name), out.endpoint, key_suffix=f"-r{run_id}.parquet")
     remove_superseded(out, run_id, supersede)
     record = dict(record, superseded_rows_removed=supersede.rows_removed,
                   superseded_files_rewritten=supersede.files_rewritten,

@@ -163,8 +163,8 @@ def is_not_found(exc: BaseException) -> bool:
     return error.get("Code") in ("404", "NoSuchKey", "NotFound") or status == 404
 
 
-def abort_open_uploads(location: Location, endpoint: str | None = None, key_suffix: str = "") -> int:
-    """Abort the multipart uploads still open under an S3 prefix (of keys ending in key_suffix); returns how many.
+def abort_open_uploads(location: Location, endpoint: str | None = None) -> int:
+    """Abort the multipart uploads still open under an S3 prefix; returns how many.
 
     A run that fails or is killed while pyarrow streams its staged Parquet files leaves their
     multipart uploads open. S3 keeps (and bills) the uploaded parts of an open upload until it is
@@ -182,8 +182,6 @@ def abort_open_uploads(location: Location, endpoint: str | None = None, key_suff
     try:
         for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=location.bucket, Prefix=prefix):
             for upload in page.get("Uploads", []):
-                if not upload["Key"].endswith(key_suffix):
-                    continue
                 try:
                     client.abort_multipart_upload(Bucket=location.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
                 except ClientError as exc:

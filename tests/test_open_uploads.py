@@ -106,23 +106,3 @@ def test_local_discard_needs_no_upload_listing(tmp_path):
     writer.write("images", _images_rows(["a", "b"], ["e1", "e2"], ["ok", "ok"], run_id="run-local"))
     writer.abort()
     assert not (tmp_path / "out" / "_staging" / "run-local").exists()
-
-
-def test_republishing_aborts_the_rewrite_a_killed_publish_left_open(moto, monkeypatch, request):
-    """A publish killed while rewriting an older file (on S3 the new key is written directly) left
-    that upload open; the recovery that publishes the run again aborts it, and only its own."""
-    from test_storage_errors import stage
-
-    for key, value in moto.env().items():
-        monkeypatch.setenv(key, value)
-    client = moto.client()
-    out = Out.from_uri(f"s3://{BUCKET}/{request.node.name}", moto.endpoint)
-    stage(out, "run-1", ["a", "b"], ["e1", "e1"])
-    publishing.publish_run(out, "run-1", {"run_id": "run-1"})
-    stage(out, "run-2", ["b"], ["e2"])
-    start_upload(client, out.join("images", publishing.rewritten_name("run-1.parquet", "run-2")).path)
-    start_upload(client, out.join("images", publishing.rewritten_name("run-1.parquet", "run-9")).path)  # not run-2's
-
-    assert recovery.recover_staging(out) == [{"run_id": "run-2", "action": "published"}]
-
-    assert open_uploads(client, out.location.path + "/") == [out.join("images", "run-1-rrun-9.parquet").path]

@@ -273,29 +273,19 @@ def test_nightly_runs_place_new_faces_and_keep_ids(identity_index, tmp_path):
 # ------------------------------------------------------------------------------------------ crash safety
 
 
-@pytest.fixture(scope="module")
-def second_night(identity_index, tmp_path_factory):
-    """(OUT, old, new): people run on night 0, night 1 brought in; the assignments of the people
-    run before (old) and of an uninterrupted people run on a copy (new). Made once: every crash
-    case starts from a copy of OUT."""
+@pytest.mark.parametrize("fault", ["people-staged", "people-journal", "people-after-move", "people-after-pointer"])
+def test_killed_during_publish_leaves_old_or_new_and_the_rerun_completes(identity_index, tmp_path, fault):
     source, _ = identity_index
-    root = tmp_path_factory.mktemp("second-night")
     ids = sorted(pq.read_table(next((source / "images").glob("*.parquet")), columns=["image_id"])["image_id"].to_pylist())
-    out = root / "out"
+    out = tmp_path / "out"
     nights = _subset_index(source, out, [ids[::2], ids[1::2]])
     _bring_night(nights[0], out)
     run_people(PeopleConfig(out=str(out)))
     old = _assignments(out)
     _bring_night(nights[1], out)
-    reference = _copy(out, root / "reference")
+    reference = _copy(out, tmp_path / "reference")
     run_people(PeopleConfig(out=str(reference)))
-    return out, old, _assignments(reference)
-
-
-@pytest.mark.parametrize("fault", ["people-staged", "people-journal", "people-after-move", "people-after-pointer"])
-def test_killed_during_publish_leaves_old_or_new_and_the_rerun_completes(second_night, tmp_path, fault):
-    start, old, new = second_night
-    out = _copy(start, tmp_path / "out")
+    new = _assignments(reference)
 
     killed = _cli("people", str(out), env={"FACEBATCH_FAULT_POINT": fault})
     assert killed.returncode == -9, killed.stderr[-2000:]

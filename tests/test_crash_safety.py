@@ -1,5 +1,9 @@
 """SIGKILL the driver at several points, rerun, and compare with an uninterrupted run.
 
+Every crash point on local disk and on S3 (moto_server), for a first run and for a nightly run
+that replaces a changed photo. Staging is done once per store and copied for the points after it
+(see PUBLISH_POINTS); the runs share one local Ray instance (see shared_ray).
+
 Also: a killed inference actor and a killed read task neither fail the run nor lose rows.
 """
 
@@ -19,9 +23,51 @@ REPO = Path(__file__).resolve().parent.parent
 CRASH_POINTS = ["write-after-first-batch", "staged-before-record", "staged-after-record", "publish-after-faces"]
 
 
-def index(source: Path, out: Path | str, extra_env: dict[str, str] | None = None, *extra_args: str) -> subprocess.CompletedProcess:
+# The module's runs share one local Ray instance (started once, below) instead of each `index`
+# starting and stopping its own: a killed driver is one job ending on it. A run that must start
+# its own (its workers read fault variables from the driver's environment) passes own_ray=True.
+_RAY: dict[str, str] = {}  # the variables that point a driver at it
+RAY_HOLDER = """
+import sys
+import ray
+ray.init(num_cpus=2, num_gpus=0, object_store_memory=200 * 1024 * 1024, include_dashboard=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the test module is done with it
+ray.shutdown()
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_ray():
+    import secrets
+
+    # Ray's token authentication stays on: the instance and its drivers share a token.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {**os.environ, **auth}
+    env.pop("RAY_ADDRESS", None)
+    holder = subprocess.Popen([sys.executable, "-c", RAY_HOLDER], cwd=REPO, env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    address = holder.stdout.readline().strip()
+    assert address, f"the shared Ray instance did not start (exit {holder.poll()})"
+    _RAY.update(auth, RAY_ADDRESS=address)
+    try:
+        yield address
+    finally:
+        _RAY.clear()
+        holder.stdin.close()
+        try:
+            holder.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
+
+
+def index(source: Path, out: Path | str, extra_env: dict[str, str] | None = None, *extra_args: str,
+          own_ray: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     env.pop("RAY_ADDRESS", None)
+    if _RAY and not own_ray:
+        env.update(_RAY)
     return subprocess.run(
         [sys.executable, "-m", "facebatch.cli", "index", str(source), "--out", str(out), "--max-side", "1024",
          "--batch-size", "2", "--object-store-memory", str(200 * 1024 * 1024), *extra_args],
@@ -94,24 +140,77 @@ def archive_and_baseline(tmp_path_factory):
     return root / "archive", images, faces
 
 
-S3_CRASH_POINTS = ["staged-after-record", "publish-after-faces"]
+# Where the index job itself dies (rows half written; staged, no record): the whole job runs per case.
+PIPELINE_POINTS = ["write-after-first-batch", "staged-before-record"]
+# Where it dies once the run is staged: staging is the same work for every such point, so it runs
+# once per store (killed at staged-after-record) and each case starts from a copy of that state.
+# A publish-* point then kills the next `index` in the same publish_run that the job calls after
+# staging (here: its recovery of the staged run, before any Ray work), so the same files are
+# half moved when the driver dies.
+PUBLISH_POINTS = ["staged-after-record", "publish-after-faces"]
+assert sorted(PIPELINE_POINTS + PUBLISH_POINTS) == sorted(CRASH_POINTS)
 
 
-@pytest.mark.parametrize("point", CRASH_POINTS)
-def test_driver_killed_then_rerun_matches_uninterrupted_run(archive_and_baseline, tmp_path, point):
-    _killed_then_rerun(archive_and_baseline, tmp_path / "out", point)
+def copy_out(src: Path | str, dst: Path | str) -> None:
+    """A copy of an OUT (a local folder, or every object under an s3:// prefix, copied server-side)."""
+    import shutil
+
+    if isinstance(src, Path):
+        shutil.copytree(src, dst)
+        return
+    from facebatch import storage
+
+    client = storage.s3_client()
+    source, target = storage.parse_location(src), storage.parse_location(dst)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=source.bucket, Prefix=source.path + "/"):
+        for item in page.get("Contents", []):
+            key = target.path + item["Key"][len(source.path):]
+            client.copy_object(Bucket=target.bucket, Key=key, CopySource={"Bucket": source.bucket, "Key": item["Key"]})
 
 
-@pytest.mark.parametrize("point", S3_CRASH_POINTS)
-def test_driver_killed_then_rerun_on_s3(archive_and_baseline, s3_out, point):
-    """The same on S3 (moto_server): publishing is server-side copies, not renames."""
-    _killed_then_rerun(archive_and_baseline, f"{s3_out}/{point}", point)
-
-
-def _killed_then_rerun(archive_and_baseline, out, point):
-    source, images, faces = archive_and_baseline
-    crashed = index(source, out, {"FACEBATCH_FAULT_POINT": point})
+def staged_then_killed(source: Path, out: Path | str, extra_env: dict[str, str] | None = None) -> None:
+    """Index SOURCE into OUT and SIGKILL the driver once the run is staged with its record."""
+    crashed = index(source, out, {"FACEBATCH_FAULT_POINT": "staged-after-record", **(extra_env or {})})
     assert crashed.returncode == -9, (crashed.returncode, crashed.stderr[-3000:])
+
+
+@pytest.fixture(scope="module")
+def staged(archive_and_baseline, tmp_path_factory, s3_out):
+    """Per store, made on first use: an OUT whose driver was killed right after staging the run."""
+    made: dict[str, Path | str] = {}
+
+    def get(store: str) -> Path | str:
+        if store not in made:
+            out = tmp_path_factory.mktemp("staged") / "out" if store == "local" else f"{s3_out}/staged"
+            staged_then_killed(archive_and_baseline[0], out)
+            made[store] = out
+        return made[store]
+
+    return get
+
+
+STORES = ["local", "s3"]
+
+
+@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_driver_killed_then_rerun_matches_uninterrupted_run(archive_and_baseline, staged, s3_out, tmp_path, store, point):
+    """On local disk and on S3 (moto_server: publishing is server-side copies, not renames)."""
+    out = tmp_path / "out" if store == "local" else f"{s3_out}/{point}"
+    source = archive_and_baseline[0]
+    if point in PIPELINE_POINTS:
+        crashed = index(source, out, {"FACEBATCH_FAULT_POINT": point})
+        assert crashed.returncode == -9, (crashed.returncode, crashed.stderr[-3000:])
+    else:
+        copy_out(staged(store), out)
+        if point != "staged-after-record":
+            crashed = index(source, out, {"FACEBATCH_FAULT_POINT": point})
+            assert crashed.returncode == -9, (crashed.returncode, crashed.stderr[-3000:])
+    _killed_then_rerun(archive_and_baseline, out)
+
+
+def _killed_then_rerun(archive_and_baseline, out):
+    source, images, faces = archive_and_baseline
     seen_images, seen_faces = visible(out)
     # Never a partial run: each table shows nothing of it or all of it.
     assert seen_images in ([], images)
@@ -132,46 +231,62 @@ def test_killed_actor_and_read_task_lose_nothing(archive_and_baseline, tmp_path)
     # --decode-tasks: fetch + decode in separate Ray tasks (as on GPU clusters), so both kinds of
     # worker are really there to kill.
     run = index(source, tmp_path / "out", {"FACEBATCH_FAULT_KILL_ACTOR_ONCE": str(actor_marker),
-                                           "FACEBATCH_FAULT_KILL_READ_TASK_ONCE": str(task_marker)}, "--decode-tasks")
+                                           "FACEBATCH_FAULT_KILL_READ_TASK_ONCE": str(task_marker)}, "--decode-tasks",
+                own_ray=True)
     assert run.returncode == 0, run.stderr[-4000:]
     assert actor_marker.exists() and task_marker.exists()  # the faults really happened
     assert visible(tmp_path / "out") == (images, faces)
 
 
-@pytest.mark.parametrize("point", ["publish-after-supersede", "publish-after-faces"])
-def test_crash_while_publishing_a_changed_object(archive_and_baseline, tmp_path, point):
-    """A nightly rerun replaces a changed photo's rows; a crash mid-publish never shows two versions."""
-    _crash_while_publishing_a_changed_object(archive_and_baseline, tmp_path, tmp_path / "out", point)
+@pytest.fixture(scope="module")
+def changed_archive(archive_and_baseline, tmp_path_factory, s3_out):
+    """A nightly rerun that replaces a changed photo's rows, staged once per store.
 
-
-def test_crash_while_publishing_a_changed_object_on_s3(archive_and_baseline, tmp_path, s3_out):
-    """The supersede step on S3 rewrites published objects (server-side copies over them)."""
-    _crash_while_publishing_a_changed_object(archive_and_baseline, tmp_path, f"{s3_out}/changed", "publish-after-supersede")
-
-
-def _crash_while_publishing_a_changed_object(archive_and_baseline, tmp_path, out, point):
+    The demo archive (a copy) indexed on local disk and on S3; then the coffee photo replaced by a
+    portrait (new bytes, new etag, now with a face). expected: the next run's tables, uninterrupted
+    (on local disk: the same rows as on S3, image ids being the sources' paths); staged_for(store):
+    an OUT where that next run was killed once staged (made on first use).
+    """
     import shutil
 
-    source, images, faces = archive_and_baseline
-    archive = tmp_path / "archive"
-    shutil.copytree(source, archive)
-    first = index(archive, out)
-    assert first.returncode == 0, first.stderr[-3000:]
-    if isinstance(out, str):
-        # The uninterrupted run to compare with, on local disk (same rows: image ids are the sources' paths).
-        local = index(archive, tmp_path / "expected")
-        assert local.returncode == 0, local.stderr[-3000:]
-    # The coffee photo is replaced by a portrait: new bytes, new etag, now with a face.
+    root = tmp_path_factory.mktemp("changed")
+    archive = root / "archive"
+    shutil.copytree(archive_and_baseline[0], archive)
+    first = {"local": root / "first", "s3": f"{s3_out}/changed-first"}
+    for out in first.values():
+        run = index(archive, out)
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert visible(first["s3"]) == visible(first["local"])
     changed = archive / "scenery" / "coffee.jpg"
     changed.write_bytes((archive / "portraits" / "astronaut.jpg").read_bytes())
-    if not isinstance(out, str):
-        shutil.copytree(out, tmp_path / "expected")
-    expected_run = index(archive, tmp_path / "expected")
+    shutil.copytree(first["local"], root / "expected")
+    expected_run = index(archive, root / "expected")
     assert expected_run.returncode == 0 and "changed 1" in expected_run.stdout, expected_run.stdout
-    expected = visible(tmp_path / "expected")
+    expected = visible(root / "expected")
+    assert any(r[0] == str(changed) for r in expected[1])  # the new version's face is there
+    made: dict[str, Path | str] = {}
 
+    def staged_for(store: str) -> Path | str:
+        if store not in made:
+            out = root / "staged" if store == "local" else f"{s3_out}/changed-staged"
+            copy_out(first[store], out)
+            staged_then_killed(archive, out)
+            made[store] = out
+        return made[store]
+
+    return archive, staged_for, expected
+
+
+@pytest.mark.parametrize("store,point", [("local", "publish-after-supersede"), ("local", "publish-after-faces"),
+                                         ("s3", "publish-after-supersede"), ("s3", "publish-after-faces")])
+def test_crash_while_publishing_a_changed_object(changed_archive, s3_out, tmp_path, store, point):
+    """A nightly rerun replaces a changed photo's rows; a crash mid-publish never shows two versions.
+    On S3 the supersede step rewrites published objects (server-side copies over them)."""
+    archive, staged_for, expected = changed_archive
+    out = tmp_path / "out" if store == "local" else f"{s3_out}/changed-{point}"
+    copy_out(staged_for(store), out)
     crashed = index(archive, out, {"FACEBATCH_FAULT_POINT": point})
-    assert crashed.returncode == -9
+    assert crashed.returncode == -9, (crashed.returncode, crashed.stderr[-3000:])
     seen_images, seen_faces = visible(out)
     ids = [r[0] for r in seen_images]
     assert len(ids) == len(set(ids))  # never two versions of one image
@@ -180,4 +295,3 @@ def _crash_while_publishing_a_changed_object(archive_and_baseline, tmp_path, out
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert visible(out) == expected
     assert staged_leftovers(out) == []
-    assert any(r[0] == str(changed) for r in expected[1])  # the new version's face is there

@@ -30,22 +30,32 @@ ones or all are the new ones: never a mix, never a duplicated row. Then the next
 run and nothing left under _staging.
 
 Which cases run:
-- default (fits the ~4 minute budget on 2 cores): every *distinct* request (op + key; repeats such
-  as pyarrow's second HEAD of a file it opens are covered by their first occurrence; recovery's
-  own publish_run requests are the publish scenario's and are not repeated there), each failed
-  twice: once lasting, the kind taking turns through 403, 500, 503, dropped; once passing, the kind
-  taking turns through 503, 500, dropped. So every op meets every kind, and every distinct request
-  meets a lasting and a passing fault.
-- FAULT_MATRIX=full: every recorded request x 4 lasting kinds + 3 passing kinds.
-The summary printed at the end (pytest -s) gives the number of cases per scenario, op and kind.
+- default: every (op x fault kind) of every step at least once. Lasting: per op that the step
+  makes, each of 403, 500, 503 and dropped once, at a position chosen deterministically: the op's
+  first request, its last one, and two drawn from those in between with a fixed seed
+  (FAULT_MATRIX_SEED=n draws others); which kind gets which position turns from op to op, and a
+  repeat (e.g. pyarrow's second HEAD of a file, the n-th GET of a row group) is a position like
+  any other. Passing: per kind (503, 500, dropped), one case in which every distinct request
+  fails once. Recovery's own publish_run requests are the publish step's and are left to it
+  (its COPY, PUT and POST are all publish_run's). That is 112 cases: publish 31 (7 ops),
+  recovery 19 (4 ops), compaction 31 (7 ops), people 31 (7 ops), run 4 at a time (WORKERS). (The
+  selection before this one, every distinct request once, ran 154.)
+- FAULT_MATRIX=full: every recorded request x 4 lasting kinds + 3 passing kinds, one request at a
+  time: 253 requests, about 1800 cases.
+The summary printed at the end (pytest -s) gives the number of cases per scenario, op and kind,
+and the slowest cases.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import random
 import re
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from itertools import count
 
 import pyarrow as pa
@@ -67,20 +77,29 @@ _case_numbers = count()
 # --------------------------------------------------------------------------- fixtures
 
 
+# Cases run this many at a time, each worker through its own proxy (so its own boto3 clients,
+# whose adaptive retry mode slows a client down after throttling). A case is its own OUT prefix,
+# its faults match only keys under it: cases cannot see each other. Most of a case's time is
+# waiting (the clients' retry back-off, moto_server), not this process's CPU: 3m41s of CPU in
+# 13m26s when the cases ran one at a time.
+WORKERS = int(os.environ.get("FAULT_MATRIX_WORKERS") or 4)
+
+
 @pytest.fixture(scope="module")
 def env(s3_server):
-    """One proxy for the module; one S3 attempt retried once (pyarrow and boto3), our own small
+    """One proxy per worker; one S3 attempt retried once (pyarrow and boto3), our own small
     JSON reads retried once too, so that a fault that lasts fails fast and one that does not is
     survived."""
     s3_server.client().create_bucket(Bucket=BUCKET)
-    proxy = FaultyS3Proxy(s3_server.endpoint)
+    proxies = [FaultyS3Proxy(s3_server.endpoint) for _ in range(WORKERS)]
     saved = os.environ.get("FACEBATCH_S3_MAX_ATTEMPTS"), out_module.READ_JSON_ATTEMPTS
     os.environ["FACEBATCH_S3_MAX_ATTEMPTS"] = "2"
     out_module.READ_JSON_ATTEMPTS = 2
     try:
-        yield proxy, s3_server
+        yield proxies, s3_server
     finally:
-        proxy.stop()
+        for proxy in proxies:
+            proxy.stop()
         out_module.READ_JSON_ATTEMPTS = saved[1]
         if saved[0] is None:
             os.environ.pop("FACEBATCH_S3_MAX_ATTEMPTS", None)
@@ -92,9 +111,11 @@ def fresh_out(scenario: str) -> storage.Location:
     return storage.parse_location(f"s3://{BUCKET}/{scenario}-{next(_case_numbers):05d}")
 
 
-def fresh_clients() -> None:
-    """boto3's adaptive retry mode slows a client down after throttling: each case starts afresh."""
-    storage._clients.clear()
+def fresh_clients(endpoint: str | None = None) -> None:
+    """boto3's adaptive retry mode slows a client down after throttling: each case starts afresh
+    (a worker clears only the clients of its own proxy)."""
+    for key in [k for k in list(storage._clients) if endpoint is None or k[1] == endpoint]:
+        storage._clients.pop(key, None)
 
 
 # --------------------------------------------------------------------------- building states (direct, not through the proxy)
@@ -234,7 +255,18 @@ COLUMNS = {
 }
 
 
-_duckdb: dict[str, object] = {}
+_duckdb: dict[tuple, object] = {}
+_direct_clients: dict[int, object] = {}
+_direct_lock = threading.Lock()
+
+
+def direct_client(s3):
+    """A boto3 client straight to the server, one per thread (creating clients is not thread-safe)."""
+    with _direct_lock:
+        client = _direct_clients.get(threading.get_ident())
+        if client is None:
+            client = _direct_clients[threading.get_ident()] = s3.client()
+    return client
 
 
 def visible(out, ep) -> dict[str, list[tuple]]:
@@ -242,9 +274,10 @@ def visible(out, ep) -> dict[str, list[tuple]]:
     per endpoint, its views recreated over what OUT holds now; no metadata caching in DuckDB)."""
     from facebatch.query import connect, create_views
 
-    con = _duckdb.get(ep)
+    key = (ep, threading.get_ident())  # a DuckDB connection is used by one thread at a time
+    con = _duckdb.get(key)
     if con is None:
-        con = _duckdb[ep] = connect(Out(out, ep))
+        con = _duckdb[key] = connect(Out(out, ep))
     else:
         create_views(con, Out(out, ep))
     return {name: sorted(con.sql(f"SELECT {cols} FROM {name}").fetchall()) for name, cols in COLUMNS.items()}
@@ -252,7 +285,7 @@ def visible(out, ep) -> dict[str, list[tuple]]:
 
 def clone(s3, template, out) -> None:
     """Start a case from the scenario's starting state: a server-side copy of every object."""
-    client = s3.client()
+    client = direct_client(s3)
     listed = client.list_objects_v2(Bucket=BUCKET, Prefix=template.path + "/")
     for item in listed.get("Contents", []):
         key = out.path + item["Key"][len(template.path):]
@@ -260,7 +293,7 @@ def clone(s3, template, out) -> None:
 
 
 def staged_leftovers(s3, out) -> list[str]:
-    listed = s3.client().list_objects_v2(Bucket=BUCKET, Prefix=out.join("_staging").path + "/")
+    listed = direct_client(s3).list_objects_v2(Bucket=BUCKET, Prefix=out.join("_staging").path + "/")
     return sorted(o["Key"] for o in listed.get("Contents", []) if not o["Key"].endswith("/"))
 
 
@@ -298,45 +331,75 @@ def _full() -> bool:
     return os.environ.get("FAULT_MATRIX") == "full"
 
 
-def select_cases(requests, covered=frozenset()):
+# The default selection's sample of request positions is drawn with this seed (FAULT_MATRIX_SEED
+# draws another one, to explore; a failure names the case, and the seed reproduces it).
+DEFAULT_SEED = 20261130
+
+
+def _seed() -> int:
+    return int(os.environ.get("FAULT_MATRIX_SEED") or DEFAULT_SEED)
+
+
+def positions(requests, op, scenario, covered=frozenset()):
+    """Where a lasting fault hits an `op` request, one position per lasting kind: the op's first
+    and last request, then two drawn (seeded) from those in between. Requests that another
+    scenario covers are left to it."""
+    occurrences, seen = [], Counter()
+    for index, (o, key) in enumerate(requests):
+        if o == op:
+            occurrences.append((index, key, seen[(o, key)]))
+        seen[(o, key)] += 1
+    own = [r for r in occurrences if (op, r[1]) not in covered]
+    first, last, middle = own[0], own[-1], own[1:-1]
+    sample = random.Random(f"{_seed()}-{scenario}-{op}").sample(middle, min(2, len(middle)))
+    picks = [first, last, *sample] if len(own) > 1 else [first]
+    return (picks * len(PERSISTENT))[:len(PERSISTENT)]  # few requests of this op: kinds share one
+
+
+def select_cases(requests, scenario="", covered=frozenset()):
     """The cases to run: (label, [(op, key, skip), ...] the requests to fail, status, times).
 
     FAULT_MATRIX=full: every recorded request x (4 lasting kinds + 3 passing kinds), one request
     at a time.
-    Default (what fits the test budget):
-    - lasting: every *distinct* request (op + key: a repeat of the same request, e.g. pyarrow's
-      second HEAD of a file it opens, is covered by its first occurrence; requests that another
-      scenario covers are left to it), one request at a time, the kind taking turns through 403,
-      500, 503, dropped;
+    Default: every (op x kind) of this step at least once:
+    - lasting: per op, each of 403, 500, 503 and dropped once, at the op's first request, its last
+      one and two seeded draws from those in between; which kind gets which position turns with
+      the op (so every kind meets a first and a last request somewhere);
     - passing: per kind (503, 500, dropped), one case in which *every* distinct request fails
       once (its first occurrence; the client's retry succeeds): stronger than one at a time for
       the retry configuration, and 3 cases instead of hundreds.
     """
     cases = []
-    seen_before: Counter = Counter()
-    distinct = []
-    for index, (op, key) in enumerate(requests):
-        skip = seen_before[(op, key)]
-        seen_before[(op, key)] += 1
-        if _full():
+    if _full():
+        seen_before: Counter = Counter()
+        for index, (op, key) in enumerate(requests):
+            skip = seen_before[(op, key)]
+            seen_before[(op, key)] += 1
             for status in PERSISTENT:
                 cases.append((f"#{index} {op} {key} {KIND_NAMES[status]} lasting", [(op, key, skip)], status, None))
             for status in TRANSIENT:
                 cases.append((f"#{index} {op} {key} {KIND_NAMES[status]} once", [(op, key, skip)], status, 1))
-            continue
-        if skip or (op, key) in covered:
-            continue
-        status = PERSISTENT[len(distinct) % len(PERSISTENT)]
-        cases.append((f"#{index} {op} {key} {KIND_NAMES[status]} lasting", [(op, key, 0)], status, None))
-        distinct.append((op, key, 0))
-    if not _full():
-        for status in TRANSIENT:
-            cases.append((f"every distinct request ({len(distinct)}) fails once: {KIND_NAMES[status]}", distinct, status, 1))
+        return cases
+    # An op all of whose requests another scenario covers (recovery's COPY, PUT and POST are its
+    # publish_run's) is left to that scenario.
+    own_ops = {op for op, key in requests if (op, key) not in covered}
+    ops = [op for op in dict.fromkeys(op for op, _ in requests) if op in own_ops]
+    for op_number, op in enumerate(ops):
+        picks = positions(requests, op, scenario, covered)
+        for kind_number, status in enumerate(PERSISTENT):
+            index, key, skip = picks[(kind_number + op_number) % len(PERSISTENT)]
+            repeat = f" (repeat {skip})" if skip else ""
+            cases.append((f"#{index} {op} {key}{repeat} {KIND_NAMES[status]} lasting", [(op, key, skip)], status, None))
+    # (recovery's own publish_run requests are the publish scenario's: left to it here too)
+    distinct = list(dict.fromkeys((op, key, 0) for op, key in requests if (op, key) not in covered))
+    for status in TRANSIENT:
+        cases.append((f"every distinct request ({len(distinct)}) fails once: {KIND_NAMES[status]}", distinct, status, 1))
     return cases
 
 
 def _run_scenario(env, scenario):
-    proxy, s3 = env
+    proxies, s3 = env
+    proxy = proxies[0]  # records the clean run
     setup, act, next_run = SCENARIOS[scenario]
     direct = s3.endpoint
     fresh_clients()
@@ -369,7 +432,7 @@ def _run_scenario(env, scenario):
         setup_publish(publish_template, direct)
         act_publish(publish_template, proxy.endpoint)
         covered = {(op, normalise(key, f"/{BUCKET}/{publish_template.path}/")) for op, key in proxy.operations[before:]}
-    cases = select_cases(requests, covered)
+    cases = select_cases(requests, scenario, covered)
 
     if os.environ.get("FAULT_MATRIX_LIMIT"):  # development only: the first n cases
         cases = cases[: int(os.environ["FAULT_MATRIX_LIMIT"])]
@@ -377,11 +440,16 @@ def _run_scenario(env, scenario):
     outcomes: Counter = Counter()
     states: Counter = Counter()  # what readers saw after a lasting fault: the old or the new tables
     phases: Counter = Counter()
+    slowest: list[tuple[float, str]] = []
     t0 = time.perf_counter()
-    for label, targets, status, times in cases:
-        case = f"{scenario} {label}"
+    failures: list[str] = []  # every failing case is reported, not only the first
+
+    def run_case(case, targets, status, times, proxy):
+        """One case through `proxy` (one worker's); returns (seconds by phase, outcome, state)."""
+        phases: Counter = Counter()
+        state = None
         out = fresh_out(scenario)
-        fresh_clients()
+        fresh_clients(proxy.endpoint)
         tick = time.perf_counter()
         clone(s3, template, out)
         phases["clone"] += time.perf_counter() - tick
@@ -406,25 +474,56 @@ def _run_scenario(env, scenario):
             # One failure of a kind the clients retry: survived, and the result is a clean run's.
             assert error is None, f"{case}: a single retryable failure was not survived: {error!r}"
             assert seen == new and not staged_leftovers(s3, out), case
-            outcomes["transient survived"] += 1
+            outcome = "transient survived"
         else:
             try:
-                states[check_between(seen, old, new)] += 1
+                state = check_between(seen, old, new)
             except AssertionError as exc:
                 raise AssertionError(f"{case}: {exc}") from exc
-            outcomes["step failed" if error is not None else "step succeeded anyway"] += 1
+            outcome = "step failed" if error is not None else "step succeeded anyway"
             if error is not None and not isinstance(error, (storage.StorageError, OSError, RuntimeError)):
                 raise AssertionError(f"{case}: unexpected error type {error!r}") from error
-            fresh_clients()
+            fresh_clients(proxy.endpoint)
             tick = time.perf_counter()
             next_run(out, proxy.endpoint)
             phases["next run"] += time.perf_counter() - tick
             assert visible(out, direct) == new, f"{case}: the next run did not end like an uninterrupted run"
             assert not staged_leftovers(s3, out), f"{case}: staged files left: {staged_leftovers(s3, out)}"
-        for op, _, _ in targets:
-            summary[(op, KIND_NAMES[status], "once" if times else "lasting")] += 1
+        return phases, outcome, state
+
+    free = queue.Queue()
+    for worker_proxy in proxies:
+        free.put(worker_proxy)
+
+    def on_a_free_proxy(case, targets, status, times):
+        worker_proxy = free.get()
+        started = time.perf_counter()
+        try:
+            return run_case(case, targets, status, times, worker_proxy), time.perf_counter() - started
+        finally:
+            free.put(worker_proxy)
+
+    with ThreadPoolExecutor(len(proxies)) as pool:
+        futures = [(f"{scenario} {label}", targets, status, times, pool.submit(on_a_free_proxy, f"{scenario} {label}", targets, status, times))
+                   for label, targets, status, times in cases]
+        for case, targets, status, times, future in futures:
+            try:
+                (case_phases, outcome, state), case_seconds = future.result()
+            except Exception as exc:  # noqa: BLE001 - every failing case is listed at the end
+                failures.append(str(exc) if isinstance(exc, AssertionError) else f"{case}: {exc!r}")
+                print(f"\n[fault matrix] FAILED {failures[-1]}", flush=True)
+                continue
+            phases.update(case_phases)
+            outcomes[outcome] += 1
+            if state is not None:
+                states[state] += 1
+            for op, _, _ in targets:
+                summary[(op, KIND_NAMES[status], "once" if times else "lasting")] += 1
+            slowest = sorted([*slowest, (case_seconds, case)], reverse=True)[:5]
     seconds = time.perf_counter() - t0
     print("\n[fault matrix] seconds by phase:", {k: round(v, 1) for k, v in phases.items()})
+    print("[fault matrix] slowest cases:", "; ".join(f"{case} {s:.1f} s" for s, case in slowest))
+    assert not failures, f"{len(failures)} of {len(cases)} {scenario} cases failed:\n" + "\n".join(failures)
     return requests, cases, summary, outcomes, states, seconds
 
 

@@ -119,6 +119,12 @@ class IndexConfig:
     max_actors: int | None = field(default=None, metadata=cli_option(
         "let the actor pool grow up to this many while work is queued (autoscaling clusters add "
         "GPU nodes for them) and shrink when idle (default: --num-actors, a fixed pool)", "ray", parse=positive_int))
+    # Fractional GPUs: N actors share each GPU (each asks Ray for 1/N of one), so one actor's host
+    # work (batch assembly, uploads, NMS bookkeeping) overlaps another's GPU work.
+    actors_per_gpu: int = field(default=1, metadata=cli_option(
+        "inference actors sharing each GPU (each takes 1/N of it, and plans its calls for 1/N of its "
+        "memory); 2-3 keep a GPU busy while one actor does host work (default %(default)s)", "ray",
+        parse=positive_int))
     read_concurrency: int | None = field(default=None, metadata=cli_option(
         "concurrent fetch+decode tasks", "ray", parse=positive_int))
     # Fetch + decode in separate Ray tasks (True) or inside the inference actors (False);
@@ -172,6 +178,9 @@ class IndexConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.actors_per_gpu, bool) or not isinstance(self.actors_per_gpu, int) \
+                or not 1 <= self.actors_per_gpu <= 8:
+            raise ConfigError(f"actors_per_gpu must be an integer from 1 to 8, got {self.actors_per_gpu!r}")
         if self.max_actors is not None and self.num_actors is not None and self.max_actors < self.num_actors:
             raise ConfigError(f"--max-actors {self.max_actors} is below --num-actors {self.num_actors}: "
                               "the pool starts at --num-actors and grows up to --max-actors")

@@ -70,6 +70,11 @@ def device_free_bytes(device: torch.device) -> int:
     return int(free + max(0, cached))
 
 
+def shared_budget(total_bytes: int, actors_per_gpu: int, fraction: float = DEFAULT_FRACTION) -> int:
+    """The fixed budget of one of ``actors_per_gpu`` actors sharing a GPU of ``total_bytes``."""
+    return int(total_bytes * fraction / actors_per_gpu)
+
+
 def call_budget(device: torch.device, explicit: int | None, fraction: float = DEFAULT_FRACTION) -> int | None:
     """Bytes one call may plan for now: the explicit budget, else (CUDA) a fraction of the free
     memory, else None (no limit)."""

@@ -79,7 +79,7 @@ class FaceModelActor:
     """
 
     def __init__(self, device: str, detector_params: dict, embed: bool, torch_threads: int | None,
-                 decode: dict | None = None):
+                 decode: dict | None = None, actors_per_gpu: int = 1):
         import torch
 
         from .config import DetectorParams
@@ -99,7 +99,12 @@ class FaceModelActor:
         )
         self.embed = embed
         self.decode = decode
-        self.analyzer = FaceAnalyzer(device=device, detector_params=params, embed=embed)
+        budget = None
+        if device == "cuda" and actors_per_gpu > 1 and not os.environ.get(gpumem.ENV_BUDGET):
+            # The other actors on this GPU allocate too: plan for this actor's share of the card,
+            # not for whatever happens to be free when a call starts.
+            budget = gpumem.shared_budget(torch.cuda.get_device_properties(0).total_memory, actors_per_gpu)
+        self.analyzer = FaceAnalyzer(device=device, detector_params=params, embed=embed, memory_budget_bytes=budget)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from .inference import StageTimes
@@ -223,12 +228,14 @@ def default_sizing(config: IndexConfig, resources: dict[str, float], can_add_nod
             if not can_add_nodes:
                 raise RuntimeError(f"device {config.device!r} asks for GPUs but this Ray instance has none")
             log.warning("no GPU in the Ray cluster yet: the inference actors wait for the autoscaler to add GPU nodes")
-        num_actors = config.num_actors or max(1, gpus)
+        share = config.actors_per_gpu
+        num_actors = config.num_actors or max(1, gpus) * share
         return {
             "device": "cuda",
             "num_actors": num_actors,
             "max_actors": max(num_actors, config.max_actors or num_actors),
-            "num_gpus": 1,
+            "num_gpus": 1 / share,
+            "actors_per_gpu": share,
             "actor_cpus": 1,
             "torch_threads": None,
             "batch_size": config.batch_size or 64,
@@ -250,6 +257,7 @@ def default_sizing(config: IndexConfig, resources: dict[str, float], can_add_nod
         "num_actors": num_actors,
         "max_actors": max(num_actors, config.max_actors or num_actors),
         "num_gpus": 0,
+        "actors_per_gpu": 1,
         "actor_cpus": actor_cpus,
         "torch_threads": actor_cpus,
         "batch_size": config.batch_size or 16,
@@ -372,6 +380,7 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
                 "embed": config.embed,
                 "torch_threads": sizing["torch_threads"],
                 "decode": decode_kwargs if sizing["decode_in_actor"] else None,
+                "actors_per_gpu": sizing["actors_per_gpu"],
             },
             # Ray Data restarts a lost actor and retries its batch (and retries lost read tasks)
             # by default, so a killed worker or a lost node costs time, not rows.

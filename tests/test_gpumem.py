@@ -60,6 +60,12 @@ def reference(scenes):
 # --------------------------------------------------------------------------- helpers
 
 
+def test_actors_sharing_a_gpu_split_its_budget():
+    # A 24 GiB card shared by 3 actors: each plans its calls for a third of the default share.
+    assert gpumem.shared_budget(24 << 30, 1) == int((24 << 30) * gpumem.DEFAULT_FRACTION)
+    assert gpumem.shared_budget(24 << 30, 3) == int((24 << 30) * gpumem.DEFAULT_FRACTION / 3)
+
+
 def test_parse_bytes_and_env(monkeypatch):
     assert gpumem.parse_bytes("2G") == 2 << 30
     assert gpumem.parse_bytes("512MiB") == 512 << 20

@@ -329,6 +329,12 @@ def test_default_sizing_follows_the_cluster():
     assert gpu["device"] == "cuda" and gpu["num_actors"] == 4 and gpu["num_gpus"] == 1 and not gpu["decode_in_actor"]
     assert gpu["read_concurrency"] == 28 and gpu["batch_size"] == 64
     assert gpu["max_actors"] == 4  # a fixed pool unless --max-actors says otherwise
+    # Fractional GPUs: two actors per GPU, each asking Ray for half of one.
+    shared = default_sizing(IndexConfig(source="/x", out="/y", actors_per_gpu=2).validate(), {"CPU": 32, "GPU": 4})
+    assert (shared["num_actors"], shared["num_gpus"], shared["actors_per_gpu"]) == (8, 0.5, 2)
+    assert shared["read_concurrency"] == 24
+    with pytest.raises(ConfigError, match="actors_per_gpu must be an integer from 1 to 8"):
+        IndexConfig(source="/x", out="/y", actors_per_gpu=0).validate()
     with pytest.raises(RuntimeError, match="has none"):
         default_sizing(IndexConfig(source="/x", out="/y", device="cuda").validate(), {"CPU": 8})
 

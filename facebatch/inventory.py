@@ -43,14 +43,7 @@ PARQUET_FIELDS = {"bucket": "bucket", "key": "key", "size": "size", "etag": "e_t
 
 def read_manifest(source: str, endpoint: str | None) -> dict[str, Any]:
     location = storage.parse_location(source)
-    fs = storage.arrow_filesystem(location, endpoint)
-    try:
-        with fs.open_input_stream(location.fs_path()) as fh:
-            data = fh.read()
-    except FileNotFoundError as exc:
-        raise ConfigError(f"inventory manifest {source} does not exist") from exc
-    except OSError as exc:
-        raise storage.storage_error("GET", source, exc) from exc
+    data = storage.read_small_file(location, storage.arrow_filesystem(location, endpoint), "inventory manifest", source)
     try:
         manifest = json.loads(data)
     except ValueError as exc:

@@ -188,12 +188,7 @@ def read_labels(path: str, faces: pa.Table, endpoint: str | None) -> tuple[np.nd
 
     Every labelled face must exist in the version's faces: unknown ones are listed, not dropped."""
     location = storage.parse_location(path)
-    fs = storage.arrow_filesystem(location, endpoint)
-    try:
-        with fs.open_input_stream(location.fs_path()) as fh:
-            data = fh.read()
-    except FileNotFoundError as exc:
-        raise ConfigError(f"labels file {path} does not exist") from exc
+    data = storage.read_small_file(location, storage.arrow_filesystem(location, endpoint), "labels file", path)
     try:
         if path.lower().endswith(".csv"):
             import pyarrow.csv as pacsv
@@ -625,8 +620,7 @@ class SearchIndex:
         elif version not in generations:
             raise ConfigError(f"{out_uri} has no search index for pipeline version {version!r} (it has {', '.join(generations)})")
         pointer = generations[version]
-        with out.fs.open_input_stream(out.generation_file(pointer, "search_index").fs_path()) as fh:
-            data = fh.read()
+        data = storage.read_small_file(out.generation_file(pointer, "search_index"), out.fs, "search index")
         index = clustering.load_index(data) if data else None
         fp = _read_generation_table(out, pointer, "face_people", ["image_id", "face_index", "person_id"])
         people = _read_generation_table(out, pointer, "people", ["person_id", "name"])

@@ -201,6 +201,20 @@ def abort_open_uploads(location: Location, endpoint: str | None = None) -> int:
     return aborted
 
 
+def read_small_file(location: Location, fs: pafs.FileSystem, what: str, shown: str | None = None) -> bytes:
+    """The whole of one small file the user pointed at (a manifest, a labels file) or a run wrote
+    (a search index). "Not found" is for the user to fix (ConfigError naming it); any other
+    failure is a StorageError naming it."""
+    shown = shown or location.uri()
+    try:
+        with fs.open_input_stream(location.fs_path()) as fh:
+            return fh.read()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{what} {shown} does not exist") from exc
+    except OSError as exc:
+        raise storage_error("GET", shown, exc) from exc
+
+
 def arrow_filesystem(location: Location, endpoint: str | None = None) -> pafs.FileSystem:
     if not location.is_s3:
         return pafs.LocalFileSystem()

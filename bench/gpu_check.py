@@ -21,7 +21,8 @@ applied, reduced to ``--max-side``, the pipeline's default 2048).
    advance and cycled (bench/gpu_detector.py's `throughput`), with peak GPU memory
    (torch.cuda.max_memory_allocated) and out-of-memory retries per configuration.
 4. Host/device traffic of one batch (torch.profiler): kernel launches, memcpy calls and
-   explicit synchronisations (CUDA), aten ops (any device).
+   explicit synchronisations (CUDA), aten ops (any device), and facebatch's own host -> device
+   transfers (facebatch.staging: a constant per batch, whatever its size).
 
 Prints one report and, with ``--json PATH``, writes it as JSON; exits 1 when parity or the
 budget check fails. ``--time-budget-s`` (default 420) stops the throughput sweep early.
@@ -43,6 +44,7 @@ from benchlib import SHARED
 
 from gpu_detector import sync, throughput  # noqa: E402  (reused, not duplicated)
 
+from facebatch import staging  # noqa: E402
 from facebatch.detector import MTCNNDetector  # noqa: E402
 from facebatch.evaluation import box_iou, greedy_match, parity_ok, reference_parity  # noqa: E402
 
@@ -247,6 +249,9 @@ def main() -> int:
     from facebatch.inference import FaceAnalyzer
 
     analyzer = FaceAnalyzer(device=args.device, embed=not args.no_embed, max_pixels=None)
+    if device.type == "cpu":  # the GPU's planning and one-transfer staging, run on the CPU
+        analyzer.detector._gpu_planning = True
+        analyzer.stage_batches = True
     subjects = {"detect": analyzer.detector}
     if not args.no_embed:
         subjects["detect+embed"] = AnalyzeAsDetect(analyzer)
@@ -266,7 +271,11 @@ def main() -> int:
     report["throughput"] = rows
     bs = batch_sizes[0]
     stream = (images * (1 + bs // len(images)))[:bs]
-    report["runtime_calls_per_batch"] = {"batch": bs, **count_runtime_calls(lambda: analyzer.analyze(stream), device)}
+    transfers_before = staging.TRANSFERS.count
+    calls = count_runtime_calls(lambda: analyzer.analyze(stream), device)
+    # Host -> device transfers facebatch made (facebatch.staging); a constant, whatever the batch.
+    calls["facebatch_transfers"] = staging.TRANSFERS.count - transfers_before
+    report["runtime_calls_per_batch"] = {"batch": bs, **calls}
 
     print(f"\n{'what':14} {'batch':>5} {'images/s':>9} {'ms/img':>8} {'peak GiB':>9} {'OOM':>4}  detector calls (last batch)")
     for r in rows:

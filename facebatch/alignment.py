@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .staging import Upload, upload_all
 from .versions import ALIGNMENT_CODE_VERSION  # noqa: F401  (bump it there with any result-changing change here)
 
 __all__ = [
@@ -205,7 +206,9 @@ def _dlib_levels_and_crops(
     return levels, regions
 
 
-def _as_rgb_uint8(image, index: int) -> np.ndarray:
+def _as_rgb_uint8(image, index: int):
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        return image  # e.g. a batch the analyzer uploaded once for detection and alignment
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(
@@ -283,16 +286,23 @@ def warp_chips(
     heights = np.zeros((len(used_images), num_levels), dtype=np.int64)
     pieces: list[torch.Tensor] = [torch.zeros((1, 3), dtype=torch.uint8, device=device)]
     offset = 1  # pixel 0 is a black pixel that empty crops point at
+    # The regions of host images go to the device in one transfer (a pageable copy per image
+    # would wait for the GPU's queue each time); regions of images already there are views.
+    upload = Upload(device)
+    regions_by_slot: dict[int, object] = {}
+    for s, array in enumerate(arrays):
+        left, top, right, bottom = crop[s]
+        if right < left or bottom < top:
+            max_level_per_slot[s] = 0
+            continue
+        region = array[top : bottom + 1, left : right + 1]
+        regions_by_slot[s] = region.to(device) if isinstance(region, torch.Tensor) else upload.add(region)
+    sent = upload.send()
     with warnings.catch_warnings():
         # Decoded images are often read-only numpy arrays; they are only ever read here.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        for s, array in enumerate(arrays):  # loop over images, not faces
-            left, top, right, bottom = crop[s]
-            if right < left or bottom < top:
-                max_level_per_slot[s] = 0
-                continue
-            region = np.ascontiguousarray(array[top : bottom + 1, left : right + 1])
-            level_image = torch.from_numpy(region).to(device)
+        for s, region in regions_by_slot.items():  # loop over images, not faces
+            level_image = sent[region] if isinstance(region, int) else region.contiguous()
             for level in range(int(max_level_per_slot[s]) + 1):
                 if level > 0:
                     if min(level_image.shape[:2]) < _MIN_PYRAMID_INPUT:
@@ -306,14 +316,11 @@ def warp_chips(
     buffer = torch.cat(pieces)
 
     levels = np.minimum(levels, max_level_per_slot[slot])
-    face_base = torch.from_numpy(base[slot, levels]).to(device)
-    face_w = torch.from_numpy(widths[slot, levels]).to(device)
-    face_h = torch.from_numpy(heights[slot, levels]).to(device)
     # Sample in crop coordinates.
     chip_to_source_cpu[:, 0, 2] -= crop[slot, 0]
     chip_to_source_cpu[:, 1, 2] -= crop[slot, 1]
-    chip_to_source = torch.from_numpy(chip_to_source_cpu).to(device)
-    levels = torch.from_numpy(levels).to(device)
+    face_base, face_w, face_h, chip_to_source, levels = upload_all(
+        [base[slot, levels], widths[slot, levels], heights[slot, levels], chip_to_source_cpu, levels], device)
 
     # Chip pixel -> coordinates in the chosen pyramid level: point_down applied L times is
     # p / 2**L - offset * 2 * (1 - 2**-L).

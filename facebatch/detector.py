@@ -56,6 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import gpumem
+from .staging import Upload, UploadCounter
 from .models import check_pickled_weights, disable_tf32, mtcnn_weight_paths, resolve_device, sha256_file
 from .versions import DETECTOR_CODE_VERSION  # noqa: F401  (bump it there with any result-changing change here)
 
@@ -293,14 +294,19 @@ def load_mtcnn_weights(paths: dict[str, Path] | None = None,
 # --------------------------------------------------------------------------------------
 
 
-def _as_rgb_uint8(image, index: int) -> np.ndarray:
+def _as_rgb_uint8(image, index: int, device: torch.device | None = None):
     """HxWx3 uint8 view/copy of one input image.
 
     Accepted: HxWx3 uint8 RGB; HxW or HxWx1 uint8 grayscale (replicated to 3 channels, as
     Pillow's convert('RGB') does); HxWx4 uint8 RGBA (alpha dropped, as convert('RGB') does).
     Anything else raises TypeError (not a uint8 numpy array) or ValueError (shape).
+    An HxWx3 uint8 tensor already on ``device`` (a batch the caller uploaded once, see
+    facebatch.staging) stays there; other tensors are brought to the host.
     """
     if isinstance(image, torch.Tensor):
+        if (device is not None and image.device == device and image.dtype == torch.uint8
+                and image.ndim == 3 and image.shape[2] == 3):
+            return image.detach().contiguous()
         image = image.detach().cpu().numpy()
     if not isinstance(image, np.ndarray):
         raise TypeError(f"image {index}: expected a numpy array, got {type(image).__name__}")
@@ -340,28 +346,45 @@ class _IntegralImages:
     ``F.interpolate(mode="area")`` (adaptive average pooling) on the float image.
     """
 
-    def __init__(self, images: list[np.ndarray], device: torch.device, workspace: "_Workspace"):
+    def __init__(self, images: list, device: torch.device, workspace: "_Workspace", on_device: bool = False,
+                 uploads: UploadCounter | None = None):
         import cv2
 
-        sizes = [(im.shape[0] + 1) * (im.shape[1] + 1) * 3 for im in images]
+        sizes = [(int(im.shape[0]) + 1) * (int(im.shape[1]) + 1) * 3 for im in images]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        self.row_strides = np.array([(im.shape[1] + 1) * 3 for im in images], np.int64)
-        self.shapes = [im.shape[:2] for im in images]
-        if device.type == "cuda":
-            # Upload the uint8 pixels (4x less than the sums) and integrate on the GPU; int32
-            # cumsum wraps around exactly like cv2's, see above. Allocated per call (not kept
-            # for the actor's life): the caching allocator reuses the block, and between
-            # calls the memory is free for the embedder.
+        self.row_strides = np.array([(int(im.shape[1]) + 1) * 3 for im in images], np.int64)
+        self.shapes = [(int(im.shape[0]), int(im.shape[1])) for im in images]
+        heights = np.array([s[0] for s in self.shapes], np.int64)
+        widths = np.array([s[1] for s in self.shapes], np.int64)
+        if on_device:
+            # The GPU path (forced on the CPU by the tests): the uint8 pixels (4x less than the
+            # sums) of every host image and the per-image tables go in one pinned transfer, and
+            # the sums are integrated on the device; int32 cumsum wraps around exactly like
+            # cv2's, see above. Images already on the device are used where they are. Allocated
+            # per call (not kept for the actor's life): the caching allocator reuses the block,
+            # and between calls the memory is free for the embedder.
+            upload = Upload(device, uploads)
+            host = [upload.add(im) for im in images if not isinstance(im, torch.Tensor)]
+            tables = [upload.add(a) for a in (self.offsets, self.row_strides, heights, widths)]
+            sent = upload.send()
+            sent_images = iter(sent[: len(host)])
+            pixels = [im if isinstance(im, torch.Tensor) else next(sent_images) for im in images]
+            # Cloned out of the transfer buffer, so the pixels are freed once integrated.
+            self.offsets_t, self.row_strides_t, self.heights_t, self.widths_t = (t.clone() for t in sent[len(host) :])
             flat = torch.empty(int(sum(sizes)), dtype=torch.int32, device=device)
-            for im, offset, size in zip(images, self.offsets, sizes):
+            for im, offset, size in zip(pixels, self.offsets, sizes):
                 h, w = im.shape[:2]
-                _integrate(torch.from_numpy(im).to(device), flat[offset : offset + size].view(h + 1, w + 1, 3))
+                _integrate(im, flat[offset : offset + size].view(h + 1, w + 1, 3))
         else:
+            self.offsets_t, self.row_strides_t = torch.from_numpy(self.offsets), torch.from_numpy(self.row_strides)
+            self.heights_t, self.widths_t = torch.from_numpy(heights), torch.from_numpy(widths)
             # Reused between calls: a fresh buffer of this size costs page faults every batch.
             flat = workspace.get("integral", int(sum(sizes)), torch.int32, device)
             flat_np = flat.numpy()
             for im, offset, size in zip(images, self.offsets, sizes):
                 h, w = im.shape[:2]
+                if isinstance(im, torch.Tensor):  # a CPU tensor the caller staged
+                    im = im.numpy()
                 cv2.integral(im, sum=flat_np[offset : offset + size].reshape(h + 1, w + 1, 3), sdepth=cv2.CV_32S)
         self.flat = flat
         self.device = device
@@ -372,25 +395,23 @@ class _IntegralImages:
         off = int(self.offsets[i])
         return self.flat[off : off + (h + 1) * (w + 1) * 3].view(h + 1, w + 1, 3)
 
-    def sample_grid(self, i: int, rs, re, cs, ce, out: torch.Tensor, chunk_elems: int) -> None:
-        """Area means of image i over the bins rows [rs, re) x cols [cs, ce) (1-D int64
-        numpy arrays), normalised like facenet-pytorch, written into out (len(rs), len(cs), 3).
+    def sample_grid(self, i: int, bins: "_GridBins", out: torch.Tensor, chunk_elems: int) -> None:
+        """Area means of image i over one piece's bins (rows [rs, re) x cols [cs, ce), device
+        tensors, see `_GridBins`), normalised like facenet-pytorch, written into out
+        (rows, cols, 3).
 
         Separable: gather the integral's rows (contiguous copies) and difference them, then
         gather the columns. Chunked over rows into reused buffers, so temporaries stay small
         and no fresh memory is touched.
         """
         dev = self.flat.device
-        c_lo = int(cs[0])
-        c_hi = int(ce[-1]) + 1
+        c_lo, c_hi = bins.c_lo, bins.c_hi
         S = self.image_view(i)[:, c_lo:c_hi]
         n_src = c_hi - c_lo
-        n_rows, n_cols = len(rs), len(cs)
-        cols = torch.as_tensor(np.concatenate([cs, ce]) - c_lo, device=dev)
-        kw = torch.as_tensor((ce - cs).astype(np.float32), device=dev)[None, :, None]
-        kh_all = torch.as_tensor((re - rs).astype(np.float32), device=dev)[:, None, None]
-        rs = torch.as_tensor(rs, device=dev)
-        re = torch.as_tensor(re, device=dev)
+        n_rows, n_cols = bins.rows, bins.cols
+        cols, rs, re = bins.col_ends, bins.rs, bins.re
+        kw = bins.kw.view(1, n_cols, 1)
+        kh_all = bins.kh.view(n_rows, 1, 1)
         step = max(1, min(n_rows, chunk_elems // (n_src * 3)))
         ws = self.workspace
         rows_hi = ws.get("rows_hi", step * n_src * 3, torch.int32, dev).view(step, n_src, 3)
@@ -418,8 +439,8 @@ class _IntegralImages:
         (used for the R-/O-Net crops of all images at once)."""
         dev = self.device
         n, n_r, n_c = rs.shape[0], rs.shape[1], cs.shape[1]
-        stride = torch.as_tensor(self.row_strides, device=dev)[image_ids][:, None]
-        base = torch.as_tensor(self.offsets, device=dev)[image_ids][:, None]
+        stride = self.row_strides_t[image_ids][:, None]
+        base = self.offsets_t[image_ids][:, None]
         rows = torch.cat([rs, re], 1) * stride + base  # (N, 2R): offsets of bin top / bottom rows
         cols = (torch.cat([cs, ce], 1) * 3)[:, :, None] + torch.arange(3, device=dev)  # (N, 2C, 3)
         index = rows[:, :, None, None] + cols[:, None, :, :]  # (N, 2R, 2C, 3)
@@ -835,7 +856,8 @@ class MTCNNDetector:
         # this on the CPU to run the GPU's planning there.
         self._gpu_planning = on_gpu
         self._oom = gpumem.OomCounter()
-        #: Calls per stage (and image groups) of the last detect() call.
+        self._uploads = UploadCounter()
+        #: Calls per stage (and image groups, and host -> device transfers) of the last detect() call.
         self.last_calls: dict[str, int] = {}
         if on_gpu and not tf32:
             disable_tf32()
@@ -886,7 +908,7 @@ class MTCNNDetector:
             raise TypeError("detect() takes a list of HxWx3 uint8 numpy arrays")
         if len(images) == 0:
             return []
-        arrays = [_as_rgb_uint8(im, i) for i, im in enumerate(images)]
+        arrays = [_as_rgb_uint8(im, i, self.device) for i, im in enumerate(images)]
         back_scale = np.ones((len(arrays), 2), np.float64)
         if self.max_pixels is not None:
             import cv2
@@ -894,13 +916,16 @@ class MTCNNDetector:
             for i, im in enumerate(arrays):
                 h, w = im.shape[:2]
                 if h * w > self.max_pixels:
+                    if isinstance(im, torch.Tensor):  # rare (callers decode at most max_side)
+                        im = im.cpu().numpy()
                     f = math.sqrt(self.max_pixels / (h * w))
                     nh, nw = max(1, int(h * f)), max(1, int(w * f))
                     arrays[i] = cv2.resize(im, (nw, nh), interpolation=cv2.INTER_AREA)
                     back_scale[i] = (w / nw, h / nh)
         with self._lock, torch.inference_mode():
             self.last_stage_seconds = {}
-            self.last_calls = {"groups": 0, "pnet": 0, "rnet": 0, "onet": 0}
+            self.last_calls = {"groups": 0, "pnet": 0, "rnet": 0, "onet": 0, "uploads": 0}
+            uploads_before = self._uploads.count
             self._clock = time.perf_counter()
             budget = gpumem.call_budget(self.device, self._explicit_budget, self.memory_fraction)
             parts = []
@@ -910,6 +935,7 @@ class MTCNNDetector:
                     boxes, scores, points, image_ids = self._cascade(arrays[lo:hi], budget)
                     parts.append((boxes, scores, points, image_ids + lo))
             finally:
+                self.last_calls["uploads"] = self._uploads.count - uploads_before
                 if self.device.type == "cuda":
                     self._workspace.clear()
             boxes, scores, points, image_ids = (torch.cat(column) for column in zip(*parts))
@@ -984,18 +1010,15 @@ class MTCNNDetector:
             "h": np.array(level_h, np.int64),
             "w": np.array(level_w, np.int64),
         }
-        integral = _IntegralImages(images, dev, self._workspace)
+        integral = _IntegralImages(images, dev, self._workspace, on_device=self._gpu_planning, uploads=self._uploads)
         left = self._left_after_integral(budget, integral)
-        sizes = np.array([im.shape[:2] for im in images], np.int64)
-        img_h = torch.as_tensor(sizes[:, 0], device=dev)
-        img_w = torch.as_tensor(sizes[:, 1], device=dev)
+        img_h, img_w = integral.heights_t, integral.widths_t
         self._mark("integral")
 
         # ---- stage 1: P-Net ----
-        cand, cand_level = self._stage_pnet(integral, levels, left)
+        cand, image_ids, cand_level = self._stage_pnet(integral, levels, left)
         if cand.shape[0] == 0:
             return empty
-        image_ids = torch.as_tensor(levels["image"], device=dev)[cand_level]
         # NMS 0.5 within image and level, then 0.7 within image (on the unregressed windows).
         self._mark("pnet")
         keep = _batched_nms(cand[:, :4], cand[:, 4], cand_level, 0.5)
@@ -1085,12 +1108,12 @@ class MTCNNDetector:
 
     def _stage_pnet(self, integral: _IntegralImages, levels: dict, left: int | None = None):
         """P-Net over every level of every image. Returns candidates (N, 9): window x1, y1,
-        x2, y2 (facenet's generateBoundingBox), score, 4 regression values; and their level."""
+        x2, y2 (facenet's generateBoundingBox), score, 4 regression values; their image and
+        their level."""
         dev = self.device
         max_h, max_w = self.canvas_size
         pieces = _tile_levels(levels["h"], levels["w"], max_h, max_w)
         shapes = _shelf_pack(pieces, max_h, max_w, self._canvas_step)
-        level_bins = {}
         per_call = 1
         chunk_elems = self._chunk_elems
         if self._gpu_planning:
@@ -1104,6 +1127,7 @@ class MTCNNDetector:
                 pnet_bytes = max(0, left - chunk_elems * _SAMPLER_BYTES_PER_ELEM)
                 per_call = max(1, pnet_bytes // (PNET_BYTES_PER_PIXEL * common[0] * common[1]))
         piece_ids_by_canvas = [np.nonzero(pieces.canvas == c)[0] for c in range(len(shapes))]
+        tables = _PNetTables(integral.shapes, levels, pieces, shapes, piece_ids_by_canvas, dev, self._uploads)
 
         def call(start: int, stop: int):
             group = list(range(start, stop))
@@ -1116,14 +1140,18 @@ class MTCNNDetector:
                 batch.zero_()
             for k, c in enumerate(group):
                 for p in piece_ids_by_canvas[c]:
-                    self._fill_piece(integral, levels, level_bins, pieces, int(p), batch[k], chunk_elems)
-            fix_rows, fix_cols = _partial_window_fixes(pieces, group, piece_ids_by_canvas, hc, wc, dev)
+                    p = int(p)
+                    y, x = int(pieces.y[p]), int(pieces.x[p])
+                    h, w = int(pieces.height[p]), int(pieces.width[p])
+                    integral.sample_grid(int(levels["image"][pieces.level[p]]), tables.bins[p],
+                                         batch[k, y : y + h, x : x + w], chunk_elems)
+            fix_rows, fix_cols = tables.window_fixes(group, hc, wc)
             self._mark("pyramid")
             with torch.autocast("cuda", enabled=self.autocast):
                 head = self._fast_pnet(batch.permute(0, 3, 1, 2), fix_rows, fix_cols)
             del batch
             self._mark("pnet")
-            return self._candidates(head, pieces, group, piece_ids_by_canvas, levels)
+            return self._candidates(head, pieces, group, piece_ids_by_canvas, levels, tables)
 
         def counted():
             self.last_calls["pnet"] += 1
@@ -1134,28 +1162,13 @@ class MTCNNDetector:
         found_levels = [f[1] for f in found if f[0] is not None]
         found_keys = [f[2] for f in found if f[0] is not None]
         if not found_boxes:
-            return torch.zeros((0, 9), device=dev), torch.zeros(0, dtype=torch.long, device=dev)
+            none = torch.zeros(0, dtype=torch.long, device=dev)
+            return torch.zeros((0, 9), device=dev), none, none
         order = torch.argsort(torch.cat(found_keys))
-        return torch.cat(found_boxes)[order], torch.cat(found_levels)[order]
+        cand_level = torch.cat(found_levels)[order]
+        return torch.cat(found_boxes)[order], tables.level_image[cand_level], cand_level
 
-    def _fill_piece(self, integral, levels, level_bins, pieces, p, canvas, chunk_elems):
-        lvl = int(pieces.level[p])
-        if lvl not in level_bins:
-            img = int(levels["image"][lvl])
-            ih, iw = integral.shapes[img]
-            rs, re = _bins_np(ih, int(levels["h"][lvl]))
-            cs, ce = _bins_np(iw, int(levels["w"][lvl]))
-            level_bins[lvl] = (img, rs, re, cs, ce)
-        img, rs, re, cs, ce = level_bins[lvl]
-        r0, c0 = int(pieces.in_row[p]), int(pieces.in_col[p])
-        h, w = int(pieces.height[p]), int(pieces.width[p])
-        y, x = int(pieces.y[p]), int(pieces.x[p])
-        integral.sample_grid(
-            img, rs[r0 : r0 + h], re[r0 : r0 + h], cs[c0 : c0 + w], ce[c0 : c0 + w],
-            canvas[y : y + h, x : x + w], chunk_elems,
-        )
-
-    def _candidates(self, head, pieces, group, piece_ids_by_canvas, levels):
+    def _candidates(self, head, pieces, group, piece_ids_by_canvas, levels, tables: "_PNetTables"):
         """Windows with face probability >= threshold inside a piece's own output block.
 
         The softmax is evaluated only where the logit difference comes within a margin of
@@ -1179,12 +1192,11 @@ class MTCNNDetector:
         if ys.numel() == 0:
             return None, None, None
         piece = owner[ks, ys, xs]
-        pt = {name: torch.as_tensor(getattr(pieces, name), device=dev)[piece]
-              for name in ("level", "in_row", "in_col", "y", "x")}
+        pt = {name: column[piece] for name, column in tables.pieces.items()}
         # Output coordinates within the level (what facenet's generateBoundingBox sees).
         by = (ys - pt["y"] // 2 + pt["in_row"] // 2).to(torch.float32)
         bx = (xs - pt["x"] // 2 + pt["in_col"] // 2).to(torch.float32)
-        scale = torch.as_tensor(levels["scale"], device=dev)[pt["level"]].to(torch.float32)
+        scale = tables.level_scale[pt["level"]].to(torch.float32)
         # facenet: q1 = floor((stride*bb + 1) / scale), q2 = floor((stride*bb + cell) / scale)
         # on float32 tensors.
         q1x = torch.floor((_PNET_STRIDE * bx + 1) / scale)
@@ -1220,23 +1232,107 @@ class MTCNNDetector:
         return sample, int(x.shape[0]), valid
 
 
-def _partial_window_fixes(pieces, group, piece_ids_by_canvas, hc, wc, dev):
-    """Flat pooled-grid indices (over the canvases of `group`) of the ceil-mode pool windows
-    that hang over the bottom (rows) or right (columns) edge of an odd-sized piece."""
-    hp, wp = hc // 2 - 1, wc // 2 - 1
-    rows, cols = [], []
-    for k, c in enumerate(group):
-        for p in piece_ids_by_canvas[c]:
+@dataclass
+class _GridBins:
+    """The area bins of one canvas piece: rows [rs, re) x columns [cs, ce) of its image
+    (device tensors), the columns as ``col_ends`` = (cs, ce) - c_lo, bin sizes in float32."""
+
+    rows: int
+    cols: int
+    c_lo: int
+    c_hi: int
+    rs: torch.Tensor
+    re: torch.Tensor
+    col_ends: torch.Tensor
+    kh: torch.Tensor
+    kw: torch.Tensor
+
+
+class _PNetTables:
+    """Everything the P-Net stage reads on the device, built on the host and sent in one
+    transfer (facebatch.staging): every piece's pyramid bins, the piece and level tables that
+    map P-Net outputs back to images, and the partial-window fixes of every canvas. Per-piece
+    uploads would each wait for the GPU's queue (a pageable copy synchronises the stream)."""
+
+    _PIECE_COLUMNS = ("level", "in_row", "in_col", "y", "x")
+
+    def __init__(self, image_shapes, levels: dict, pieces: "_Pieces", shapes, piece_ids_by_canvas, device,
+                 uploads: UploadCounter | None):
+        rs_parts, re_parts, col_parts, kh_parts, kw_parts, spans = [], [], [], [], [], []
+        level_bins: dict[int, tuple] = {}
+        row_at = col_at = 0
+        for p in range(len(pieces.level)):
+            lvl = int(pieces.level[p])
+            if lvl not in level_bins:
+                ih, iw = image_shapes[int(levels["image"][lvl])]
+                level_bins[lvl] = (*_bins_np(ih, int(levels["h"][lvl])), *_bins_np(iw, int(levels["w"][lvl])))
+            rs, re, cs, ce = level_bins[lvl]
+            r0, c0 = int(pieces.in_row[p]), int(pieces.in_col[p])
             h, w = int(pieces.height[p]), int(pieces.width[p])
-            py, px = int(pieces.y[p]) // 2, int(pieces.x[p]) // 2
-            n_r, n_c = (h - 1) // 2, (w - 1) // 2  # pooled rows / columns of the piece
-            if h % 2:
-                rows.append(k * hp * wp + (py + n_r - 1) * wp + px + np.arange(n_c))
-            if w % 2:
-                cols.append(k * hp * wp + (py + np.arange(n_r)) * wp + px + n_c - 1)
-    fix_rows = torch.as_tensor(np.concatenate(rows), device=dev) if rows else None
-    fix_cols = torch.as_tensor(np.concatenate(cols), device=dev) if cols else None
-    return fix_rows, fix_cols
+            rs, re, cs, ce = rs[r0 : r0 + h], re[r0 : r0 + h], cs[c0 : c0 + w], ce[c0 : c0 + w]
+            c_lo, c_hi = int(cs[0]), int(ce[-1]) + 1
+            rs_parts.append(rs)
+            re_parts.append(re)
+            col_parts.append(np.concatenate([cs, ce]) - c_lo)
+            kh_parts.append((re - rs).astype(np.float32))
+            kw_parts.append((ce - cs).astype(np.float32))
+            spans.append((row_at, col_at, h, w, c_lo, c_hi))
+            row_at, col_at = row_at + h, col_at + w
+        # Partial ceil-mode pool windows: flat pooled-grid indices within each canvas (the
+        # call adds its canvas's position in the call's batch).
+        fix_rows, fix_cols, self._fix_spans = [], [], []
+        rows_at = cols_at = 0
+        for c, piece_ids in enumerate(piece_ids_by_canvas):
+            hc, wc = shapes[c]
+            wp = wc // 2 - 1
+            n_rows = n_cols = 0
+            for p in piece_ids:
+                h, w = int(pieces.height[p]), int(pieces.width[p])
+                py, px = int(pieces.y[p]) // 2, int(pieces.x[p]) // 2
+                n_r, n_c = (h - 1) // 2, (w - 1) // 2  # pooled rows / columns of the piece
+                if h % 2:
+                    fix_rows.append((py + n_r - 1) * wp + px + np.arange(n_c))
+                    n_rows += n_c
+                if w % 2:
+                    fix_cols.append((py + np.arange(n_r)) * wp + px + n_c - 1)
+                    n_cols += n_r
+            self._fix_spans.append((rows_at, n_rows, cols_at, n_cols))
+            rows_at, cols_at = rows_at + n_rows, cols_at + n_cols
+
+        def joined(parts, dtype):
+            return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+
+        upload = Upload(device, uploads)
+        for array in (joined(rs_parts, np.int64), joined(re_parts, np.int64), joined(col_parts, np.int64),
+                      joined(kh_parts, np.float32), joined(kw_parts, np.float32),
+                      joined(fix_rows, np.int64), joined(fix_cols, np.int64),
+                      levels["scale"], levels["image"], *(getattr(pieces, n) for n in self._PIECE_COLUMNS)):
+            upload.add(array)
+        sent = upload.send()
+        rs_all, re_all, cols_all, kh_all, kw_all, self._fix_rows, self._fix_cols = sent[:7]
+        self.level_scale, self.level_image = sent[7], sent[8]
+        self.pieces = dict(zip(self._PIECE_COLUMNS, sent[9:]))
+        self.bins = [
+            _GridBins(h, w, c_lo, c_hi, rs_all[r : r + h], re_all[r : r + h], cols_all[2 * c : 2 * c + 2 * w],
+                      kh_all[r : r + h], kw_all[c : c + w])
+            for r, c, h, w, c_lo, c_hi in spans
+        ]
+
+    def window_fixes(self, group, hc: int, wc: int):
+        """fix_rows / fix_cols of `_FastPNet` for the canvases `group`, batched in that order."""
+        per_canvas = (hc // 2 - 1) * (wc // 2 - 1)
+        rows, cols = [], []
+        for k, c in enumerate(group):
+            rows_at, n_rows, cols_at, n_cols = self._fix_spans[c]
+            if n_rows:
+                part = self._fix_rows[rows_at : rows_at + n_rows]
+                rows.append(part + k * per_canvas if k else part)
+            if n_cols:
+                part = self._fix_cols[cols_at : cols_at + n_cols]
+                cols.append(part + k * per_canvas if k else part)
+        fix_rows = (torch.cat(rows) if len(rows) > 1 else rows[0]) if rows else None
+        fix_cols = (torch.cat(cols) if len(cols) > 1 else cols[0]) if cols else None
+        return fix_rows, fix_cols
 
 
 def _split(boxes, scores, points, image_ids, n_images, back_scale) -> list[Detections]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .config import DetectorParams
 from .models import resolve_device
+from .staging import upload_all
 
 
 @dataclass
@@ -103,6 +104,9 @@ class FaceAnalyzer:
 
             self.embedder = FaceEmbedder(device=self.device, memory_budget_bytes=memory_budget_bytes)
         self.load_seconds = time.perf_counter() - t0
+        #: Upload each batch to the device once, for both detection and alignment (CUDA; the
+        #: tests set it on the CPU together with the detector's GPU planning).
+        self.stage_batches = torch.device(self.device).type == "cuda"
 
     @property
     def oom_retries(self) -> int:
@@ -122,6 +126,15 @@ class FaceAnalyzer:
             return []
         scales = scales if scales is not None else [1.0] * len(images)
         t0 = time.perf_counter()
+        max_pixels = self.detector.max_pixels
+        if self.stage_batches and all(
+            isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3
+            and (max_pixels is None or im.shape[0] * im.shape[1] <= max_pixels) for im in images
+        ):
+            # One pinned transfer for the whole batch (facebatch.staging): the detector
+            # integrates these pixels and the alignment cuts its face regions from them,
+            # instead of each uploading its own copies image by image.
+            images = upload_all(images, torch.device(self.device))
         detections = self.detector.detect(images)
         t1 = time.perf_counter()
         counts = [len(d.scores) for d in detections]

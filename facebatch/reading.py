@@ -92,10 +92,22 @@ def fetch_and_decode(batch: pa.Table, *, retries: int, endpoint: str | None, max
 
 
 def decoded_images(batch: pa.Table, ok_idx: np.ndarray) -> list[np.ndarray]:
-    """Zero-copy views of the decoded pixels of the ok rows."""
-    pixels = batch.column("pixels").combine_chunks()
-    offsets = np.frombuffer(pixels.buffers()[1], dtype=np.int64)[pixels.offset : pixels.offset + len(pixels) + 1]
-    data = np.frombuffer(pixels.buffers()[2], dtype=np.uint8) if pixels.buffers()[2] is not None else np.zeros(0, np.uint8)
+    """Zero-copy views of the decoded pixels of the ok rows, chunk by chunk (combining the
+    column's chunks would copy the whole batch's pixels once more)."""
+    pixels = batch.column("pixels")
     hs = batch.column("pix_h").to_numpy(zero_copy_only=False)
     ws = batch.column("pix_w").to_numpy(zero_copy_only=False)
-    return [data[offsets[i] : offsets[i + 1]].reshape(int(hs[i]), int(ws[i]), 3) for i in ok_idx]
+    starts = np.cumsum([0] + [len(chunk) for chunk in pixels.chunks])
+    buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    views: list[np.ndarray] = []
+    for i in ok_idx:
+        k = int(np.searchsorted(starts, i, side="right")) - 1
+        if k not in buffers:
+            chunk = pixels.chunks[k]
+            offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+            data = chunk.buffers()[2]
+            buffers[k] = offsets, (np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8))
+        offsets, data = buffers[k]
+        j = int(i - starts[k])
+        views.append(data[offsets[j] : offsets[j + 1]].reshape(int(hs[i]), int(ws[i]), 3))
+    return views

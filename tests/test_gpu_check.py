@@ -43,4 +43,5 @@ def test_gpu_check_runs_on_cpu(tmp_path, astronaut_rgb):
         ("detect", 1), ("detect", 2), ("detect+embed", 1), ("detect+embed", 2)}
     assert all(r["images_per_s"] > 0 and r["oom_retries"] == 0 for r in report["throughput"])
     assert report["runtime_calls_per_batch"]["aten_ops"] > 0
+    assert report["runtime_calls_per_batch"]["facebatch_transfers"] == 4  # batch, two detector tables, alignment
     assert "PASS" in proc.stdout

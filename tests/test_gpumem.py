@@ -166,8 +166,54 @@ def test_disable_tf32_sets_both_flags():
 def test_gpu_planning_without_budget_is_one_call_per_stage(scenes, reference):
     det = gpu_planned()
     results = det.detect(scenes)
-    assert det.last_calls == {"groups": 1, "pnet": 1, "rnet": 1, "onet": 1}
+    # Two host -> device transfers: the pixels with the image tables, and P-Net's tables.
+    assert det.last_calls == {"groups": 1, "pnet": 1, "rnet": 1, "onet": 1, "uploads": 2}
     assert_same(results, reference)
+
+
+def test_transfers_per_batch_do_not_grow_with_the_batch(scenes, reference):
+    """Every bin, index table and image of a batch goes to the device in a constant number of
+    copies (facebatch.staging), not one per image, pyramid piece or crop chunk."""
+    det = gpu_planned()
+    det.detect(scenes[:1])
+    one = det.last_calls["uploads"]
+    many = det.detect(scenes * 3)
+    assert det.last_calls["uploads"] == one == 2
+    assert det.last_calls["pnet"] == 1
+    assert_same(many, reference * 3)
+    # Images already on the device (the analyzer uploads a batch once for detection and
+    # alignment) are used where they are.
+    on_device = det.detect([torch.from_numpy(np.ascontiguousarray(im)) for im in scenes])
+    assert det.last_calls["uploads"] == 2
+    assert_same(on_device, reference)
+
+
+def test_analyzer_uploads_a_batch_once_for_detection_and_alignment(scenes):
+    """The analyzer's GPU path on the CPU: the batch goes to the device in one transfer, the
+    detector and the alignment read it there, and the whole analysis (detect + align + embed)
+    makes the same number of transfers for one image as for many, with the same results."""
+    from facebatch import staging
+    from facebatch.inference import FaceAnalyzer
+
+    plain = FaceAnalyzer(device="cpu")
+    plain.detector.canvas_size = CANVAS
+    staged = FaceAnalyzer(device="cpu")
+    staged.detector.canvas_size = CANVAS
+    staged.detector._gpu_planning = True
+    staged.stage_batches = True
+    transfers = []
+    for batch in (scenes[:1], scenes * 2):
+        before = staging.TRANSFERS.count
+        got = staged.analyze(batch)
+        transfers.append(staging.TRANSFERS.count - before)
+        want = plain.analyze(batch)
+        assert [len(r.scores) for r in got] == [len(r.scores) for r in want]
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+            np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-5)
+            np.testing.assert_array_equal(a.sharpness, b.sharpness)
+    # The batch, the detector's image tables, P-Net's tables, the alignment's face tables.
+    assert transfers == [4, 4]
 
 
 def test_small_budget_gives_same_results_in_more_calls(scenes, reference):
@@ -178,6 +224,7 @@ def test_small_budget_gives_same_results_in_more_calls(scenes, reference):
     assert calls["groups"] == len(scenes)
     assert calls["pnet"] > len(scenes) and calls["rnet"] > len(scenes) and calls["onet"] > len(scenes)
     assert det.oom_retries == 0
+    assert calls["uploads"] == 2 * calls["groups"]  # per image group, not per call
     assert_same(results, reference)
     # The budget bounds each call: no P-Net call was given more canvases than fit.
     medium = gpu_planned(memory_budget_bytes=64 << 20)

@@ -24,6 +24,12 @@ applied, reduced to ``--max-side``, the pipeline's default 2048).
    explicit synchronisations (CUDA), aten ops (any device), and facebatch's own host -> device
    transfers (facebatch.staging: a constant per batch, whatever its size).
 
+5. JPEG decoding (``--gpu-jpeg-decode``): which photos go to nvJPEG, its pixels against the CPU
+   decoder's (same array sizes; mean / p99 / max absolute difference) and the device detector's
+   faces on both (the project's parity criteria), and images/s of the CPU decoder on all CPUs
+   but one against nvJPEG in batches of 64 (``--decode-seconds`` each). Without CUDA or
+   torchvision the nvJPEG half says why it was skipped.
+
 Prints one report and, with ``--json PATH``, writes it as JSON; exits 1 when parity or the
 budget check fails. ``--time-budget-s`` (default 420) stops the throughput sweep early.
 """
@@ -65,6 +71,74 @@ def load_photos(folder: Path, limit: int | None, max_side: int) -> tuple[list[st
         if limit and len(images) >= limit:
             break
     return names, images
+
+
+def _decode_on_cpu(data: bytes, max_side: int) -> int:
+    from facebatch.decode import decode_image
+
+    return decode_image(data, max_side=max_side).rgb.shape[0]
+
+
+def jpeg_decoding(folder: Path, names: list[str], cpu_images: list[np.ndarray], device: torch.device, max_side: int,
+                  seconds: float, detector) -> dict:
+    """5. The JPEGs --gpu-jpeg-decode passes on: nvJPEG against the CPU decoder (pixels of the
+    same arrays, and the device detector's faces on both), and images/s of each: the CPU decoder
+    on all CPUs but one (processes), nvJPEG in batches of 64 on the device."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from facebatch.decode import plan_jpeg
+    from facebatch.device_jpeg import DeviceJpegDecoder, NvJpegUnavailable, nvjpeg_batch_decoder
+
+    files = {name: (folder / name).read_bytes() for name in names}
+    jpegs = [name for name in names if plan_jpeg(files[name], max_side=max_side) is not None]
+    out: dict = {"photos": len(names), "passed_on": len(jpegs)}
+    if not jpegs:
+        return out
+    data = [files[name] for name in jpegs]
+    workers = max(1, (os.cpu_count() or 2) - 1)
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_decode_on_cpu, data[:workers], [max_side] * workers))  # start the workers
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            done += len(list(pool.map(_decode_on_cpu, data, [max_side] * len(data), chunksize=2)))
+        out["cpu_decoder"] = {"processes": workers, "images_per_s": round(done / (time.perf_counter() - t0), 1)}
+    try:
+        decoder = DeviceJpegDecoder(nvjpeg_batch_decoder(device), max_side=max_side)
+    except NvJpegUnavailable as exc:
+        out["nvjpeg"] = {"skipped": str(exc)}
+        return out
+    decoded = []
+    for start in range(0, len(data), 64):
+        decoded.extend(decoder.decode(data[start : start + 64]))
+    by_name = dict(zip(names, cpu_images))
+    means, p99, worst, same_size = [], [], 0, 0
+    pairs = []
+    for name, image in zip(jpegs, decoded):
+        want = by_name[name]
+        if image is None or tuple(image.shape) != want.shape:
+            continue
+        same_size += 1
+        diff = np.abs(image.cpu().numpy().astype(np.int16) - want.astype(np.int16))
+        means.append(float(diff.mean()))
+        p99.append(float(np.percentile(diff, 99)))
+        worst = max(worst, int(diff.max()))
+        pairs.append((image, want))
+    faces = compare(detect_batches(detector, [p[0] for p in pairs], 16), detect_batches(detector, [p[1] for p in pairs], 16))
+    batch = (data * (1 + 64 // len(data)))[:64]
+    decoder.decode(batch)  # warm-up (nvJPEG handles, allocator)
+    sync(device)
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        done += len(decoder.decode(batch))
+    sync(device)
+    out["nvjpeg"] = {
+        "images_per_s": round(done / (time.perf_counter() - t0), 1), "refused": sum(d is None for d in decoded),
+        "same_size": same_size, "pixel_mean_abs_diff": round(float(np.mean(means)), 3) if means else None,
+        "pixel_worst_mean_abs_diff": round(max(means), 3) if means else None,
+        "pixel_p99_abs_diff": max(p99) if p99 else None, "pixel_max_abs_diff": worst, "faces": faces,
+    }
+    return out
 
 
 def detect_batches(detector, images, batch_size):
@@ -164,6 +238,7 @@ def main() -> int:
     parser.add_argument("--no-embed", action="store_true", help="throughput of the detector only")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--time-budget-s", type=float, default=420.0)
+    parser.add_argument("--decode-seconds", type=float, default=10.0, help="per decoder in the JPEG decoding check")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     started = time.perf_counter()
@@ -244,6 +319,18 @@ def main() -> int:
           + (f", peak {peak:.2f} GiB = {over:.2f} of the budget" if peak is not None else "")
           + f", OOM retries {budgeted.oom_retries}")
     del budgeted
+
+    # ---- 5. (first, while the device detector is loaded) nvJPEG against the CPU decoder ----
+    decoding = jpeg_decoding(folder, names, images, device, args.max_side, args.decode_seconds, device_detector(args.device))
+    report["jpeg_decoding"] = decoding
+    nv = decoding.get("nvjpeg", {})
+    print(f"JPEG decoding: {decoding['passed_on']} of {decoding['photos']} photos go to the device decoder; CPU decoder "
+          f"{decoding.get('cpu_decoder')}; nvJPEG " + (nv["skipped"] if "skipped" in nv else
+          f"{nv.get('images_per_s')} images/s, refused {nv.get('refused')}, pixels mean |diff| "
+          f"{nv.get('pixel_mean_abs_diff')} (worst photo {nv.get('pixel_worst_mean_abs_diff')}, max {nv.get('pixel_max_abs_diff')}), "
+          f"faces parity {'PASS' if nv.get('faces', {}).get('ok') else 'FAIL'}"))
+    if nv and "skipped" not in nv:
+        failed |= not nv["faces"]["ok"]
 
     # ---- 3. throughput, peak memory, OOM retries; 4. runtime calls of one batch ----
     from facebatch.inference import FaceAnalyzer

@@ -104,6 +104,12 @@ class IndexConfig:
     max_side: int = field(default=2048, metadata=cli_option(
         "longest side the models see; bigger JPEGs use reduced-size decoding (default %(default)s)", "decoding",
         parse=positive_int))
+    # nvJPEG: the read tasks pass JPEG files on undecoded and the CUDA actors decode them in
+    # batches on their GPU (facebatch/device_jpeg.py; needs torchvision, the 'gpu' extra).
+    gpu_jpeg_decode: bool = field(default=False, metadata=cli_option(
+        "decode JPEGs on the inference actors' GPUs with nvJPEG (needs CUDA actors and torchvision; "
+        "a different pipeline version, as its pixels differ slightly from the CPU decoder's)", "decoding",
+        action="store_true"))
     embed: bool = field(default=True, metadata=cli_option(
         "detect faces only, no embeddings", "decoding", flag="--no-embed", action="store_false"))
     device: str = field(default="auto", metadata=cli_option(
@@ -234,5 +240,7 @@ def pipeline_version(model_hashes: dict[str, str], config: IndexConfig) -> str:
         # 2: embeddings are flip-averaged (facebatch.embedder), a different vector per face.
         "schema": 2,
     }
+    if config.gpu_jpeg_decode:  # nvJPEG's pixels are not libjpeg's: other rows (absent otherwise,
+        material["jpeg_decoder"] = "nvjpeg"  # so that existing versions stay what they were)
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     return f"v1-{digest[:12]}"

@@ -542,6 +542,44 @@ def _result(rgb: np.ndarray, stored_width: int, stored_height: int, fmt: str, or
                         orientation=orientation)
 
 
+@dataclass(frozen=True, slots=True)
+class JpegPlan:
+    """How a JPEG that a decoder outside this module (nvJPEG on the GPU) can take is to be
+    decoded so that the result means what :func:`decode_image`'s does: stored size, EXIF
+    orientation to apply, and the DCT reduction factor ``max_side`` asks for."""
+
+    stored_width: int
+    stored_height: int
+    orientation: int
+    factor: int
+
+    @property
+    def width(self) -> int:  # oriented full size, as DecodedImage.width
+        return self.stored_height if self.orientation >= 5 else self.stored_width
+
+    @property
+    def height(self) -> int:
+        return self.stored_width if self.orientation >= 5 else self.stored_height
+
+
+def plan_jpeg(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None) -> JpegPlan | None:
+    """The plan of a complete baseline RGB or grey JPEG within ``max_pixels``, read from its
+    header; None for anything else (progressive, CMYK, cut short, too large, not a JPEG, a
+    header Pillow refuses), which :func:`decode_image` must then decode or classify."""
+    if not data.startswith(b"\xff\xd8\xff") or not data.endswith(b"\xff\xd9"):
+        return None
+    try:
+        im = _open_header(bytes(data), "JPEG")
+    except DecodeError:
+        return None
+    width, height = im.size
+    if im.mode not in ("RGB", "L") or im.info.get("progressive") or im.info.get("progression"):
+        return None
+    if width <= 0 or height <= 0 or width * height > max_pixels:
+        return None
+    return JpegPlan(width, height, _read_orientation(im), _jpeg_reduction(width, height, max_side))
+
+
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None) -> DecodedImage:
     """Decode image bytes to an oriented RGB array; raise :class:`DecodeError` on any bad input.
 

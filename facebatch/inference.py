@@ -127,14 +127,20 @@ class FaceAnalyzer:
         scales = scales if scales is not None else [1.0] * len(images)
         t0 = time.perf_counter()
         max_pixels = self.detector.max_pixels
+        device = torch.device(self.device)
         if self.stage_batches and all(
-            isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3
+            (isinstance(im, np.ndarray) or (isinstance(im, torch.Tensor) and im.device == device))
+            and im.dtype in (np.uint8, torch.uint8) and im.ndim == 3 and im.shape[2] == 3
             and (max_pixels is None or im.shape[0] * im.shape[1] <= max_pixels) for im in images
         ):
             # One pinned transfer for the whole batch (facebatch.staging): the detector
             # integrates these pixels and the alignment cuts its face regions from them,
-            # instead of each uploading its own copies image by image.
-            images = upload_all(images, torch.device(self.device))
+            # instead of each uploading its own copies image by image. Images already on the
+            # device (decoded there by nvJPEG) stay where they are.
+            host = [k for k, im in enumerate(images) if isinstance(im, np.ndarray)]
+            images = list(images)
+            for k, sent in zip(host, upload_all([images[k] for k in host], device)):
+                images[k] = sent
         detections = self.detector.detect(images)
         t1 = time.perf_counter()
         counts = [len(d.scores) for d in detections]

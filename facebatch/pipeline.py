@@ -26,11 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import __version__, gpumem, models, raylogs, storage
-from .config import IndexConfig, pipeline_version
+from .config import ConfigError, IndexConfig, pipeline_version
 from .out import Out, active_heartbeats, fault_point
 from .publishing import publish_run
 from .recovery import recover_staging
-from .reading import decoded_images, die_once, fetch_and_decode
+from .reading import batch_images, die_once, fetch_and_decode
 from .writing import RunWriter, faces_array, split_output, stage_pruned_ids, stage_replaced_ids
 
 log = logging.getLogger("facebatch")
@@ -79,7 +79,7 @@ class FaceModelActor:
     """
 
     def __init__(self, device: str, detector_params: dict, embed: bool, torch_threads: int | None,
-                 decode: dict | None = None, actors_per_gpu: int = 1):
+                 decode: dict | None = None, actors_per_gpu: int = 1, gpu_jpeg: dict | None = None):
         import torch
 
         from .config import DetectorParams
@@ -99,6 +99,15 @@ class FaceModelActor:
         )
         self.embed = embed
         self.decode = decode
+        # --gpu-jpeg-decode: {max_pixels, max_side}. Fails here, with the reason, where nvJPEG
+        # cannot run (so the run stops at once instead of decoding on one CPU per actor).
+        # (Passed-on JPEGs exist only in that mode; their CPU fallback decodes with its limits.)
+        self.limits = gpu_jpeg or {"max_pixels": IndexConfig.max_pixels, "max_side": IndexConfig.max_side}
+        self.jpeg_decoder = None
+        if gpu_jpeg is not None:
+            from .device_jpeg import DeviceJpegDecoder, nvjpeg_batch_decoder
+
+            self.jpeg_decoder = DeviceJpegDecoder(nvjpeg_batch_decoder(device), **gpu_jpeg)
         budget = None
         if device == "cuda" and actors_per_gpu > 1 and not os.environ.get(gpumem.ENV_BUDGET):
             # The other actors on this GPU allocate too: plan for this actor's share of the card,
@@ -116,10 +125,12 @@ class FaceModelActor:
 
         status = batch.column("status").to_pylist()
         errors = batch.column("error").to_pylist()
-        ok_idx = np.array([i for i, s in enumerate(status) if s == "ok"], dtype=np.int64)
-        images = decoded_images(batch, ok_idx)
-        scales = batch.column("scale").to_pylist()
-        ok_scales = [float(scales[i]) for i in ok_idx]
+        t_decode = time.perf_counter()
+        ok_idx, images, ok_scales, failed_here = batch_images(batch, status, errors, device_decoder=self.jpeg_decoder,
+                                                              **self.limits)
+        decode_here_s = time.perf_counter() - t_decode if "encoded" in batch.column_names else 0.0
+        if failed_here:  # a passed-on JPEG that no decoder could read: an error row like any other
+            batch = _clear_image_facts(batch, failed_here)
         times = StageTimes()
         t0 = time.perf_counter()
         oom_before = self.analyzer.oom_retries
@@ -159,7 +170,11 @@ class FaceModelActor:
         for i, res in zip(ok_idx_final, results):
             num_faces[i] = len(res)
         n = max(1, batch.num_rows)
-        out = batch.drop_columns(["pixels", "pix_h", "pix_w", "status", "error"])
+        out = batch.drop_columns([c for c in ("pixels", "encoded", "pix_h", "pix_w", "status", "error")
+                                  if c in batch.column_names])
+        if decode_here_s:  # the passed-on JPEGs' decoding, charged to the decode stage
+            decode_s = pc.add(out["decode_s"], pa.scalar(decode_here_s / max(1, batch.num_rows), pa.float32()))
+            out = out.set_column(out.column_names.index("decode_s"), "decode_s", decode_s)
         out = out.append_column("status", pa.array(status, pa.string()))
         out = out.append_column("error", pa.array(errors, pa.string()))
         out = out.append_column("num_faces", pa.array(num_faces, pa.int32()))
@@ -174,6 +189,18 @@ class FaceModelActor:
             retries[0] = oom_retries
         out = out.append_column("oom_retries", pa.array(retries, pa.int32()))
         return out
+
+
+def _clear_image_facts(batch: pa.Table, rows: list[int]) -> pa.Table:
+    """width, height and format of `rows` set to null (they came from a header whose file then
+    failed to decode; error rows carry none of them, as in reading._decode_one)."""
+    mask = np.zeros(batch.num_rows, bool)
+    mask[rows] = True
+    for name in ("width", "height", "format"):
+        column = batch[name]
+        cleared = pc.if_else(pa.array(mask), pa.nulls(batch.num_rows, column.type), column)
+        batch = batch.set_column(batch.column_names.index(name), name, cleared)
+    return batch
 
 
 # --------------------------------------------------------------------------- driver
@@ -243,6 +270,9 @@ def default_sizing(config: IndexConfig, resources: dict[str, float], can_add_nod
             "decode_in_actor": config.decode_tasks is False,
             "read_concurrency": config.read_concurrency or max(1, cpus - num_actors),
         }
+    if config.gpu_jpeg_decode:
+        raise ConfigError("--gpu-jpeg-decode needs CUDA inference actors, and this run's actors use the CPU "
+                          "(no GPU in the Ray cluster, or --device cpu): drop the flag or run on GPU nodes")
     # CPU: no accelerator to keep fed, and separate decode tasks would only compete with torch's
     # threads for the same cores (measured: 1.9x the bare model time on 2 cores, against 1.2x
     # with decoding in the actor). So each actor owns its cores and fetches + decodes its batches
@@ -352,7 +382,7 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
         refs = [ray.put(pa.Table.from_batches([b])) for b in plan.batches(rows=sizing["batch_size"])]
         ds = ray.data.from_arrow_refs(refs)
         decode_kwargs = {"retries": config.fetch_retries, "endpoint": endpoint, "max_pixels": config.max_pixels,
-                         "max_side": config.max_side}
+                         "max_side": config.max_side, "jpeg_passthrough": config.gpu_jpeg_decode}
         if not sizing["decode_in_actor"]:
             ds = ds.map_batches(
                 fetch_and_decode,
@@ -381,6 +411,8 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
                 "torch_threads": sizing["torch_threads"],
                 "decode": decode_kwargs if sizing["decode_in_actor"] else None,
                 "actors_per_gpu": sizing["actors_per_gpu"],
+                "gpu_jpeg": ({"max_pixels": config.max_pixels, "max_side": config.max_side}
+                             if config.gpu_jpeg_decode else None),
             },
             # Ray Data restarts a lost actor and retries its batch (and retries lost read tasks)
             # by default, so a killed worker or a lost node costs time, not rows.

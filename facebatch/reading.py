@@ -22,17 +22,24 @@ from .tables import DECODED_SCHEMA
 MAX_OBJECT_BYTES = 1 << 30
 
 
-def _decode_one(row: dict, data: bytes | None, fetch_error: str | None, max_pixels: int, max_side: int) -> dict:
-    from .decode import DecodeError, decode_image
+def _decode_one(row: dict, data: bytes | None, fetch_error: str | None, max_pixels: int, max_side: int,
+                jpeg_passthrough: bool = False) -> dict:
+    from .decode import DecodeError, decode_image, plan_jpeg
 
     out = {k: row.get(k) for k in ("image_id", "uri", "etag")}
     out.update(size_bytes=row.get("size"), width=None, height=None, format=None, error=None, scale=None,
-               pix_h=None, pix_w=None, pixels=None, decode_s=0.0)
+               pix_h=None, pix_w=None, pixels=None, encoded=None, decode_s=0.0)
     if fetch_error is not None:
         out.update(status="fetch_failed", error=fetch_error)
         return out
     out["size_bytes"] = len(data)
     t0 = time.perf_counter()
+    plan = plan_jpeg(data, max_pixels=max_pixels, max_side=max_side) if jpeg_passthrough else None
+    if plan is not None:
+        # The actor decodes it on its GPU (facebatch.device_jpeg); only the header was read here.
+        out.update(status="ok", width=plan.width, height=plan.height, format="JPEG", encoded=data,
+                   decode_s=time.perf_counter() - t0)
+        return out
     try:
         img = decode_image(data, max_pixels=max_pixels, max_side=max_side)
     except DecodeError as exc:
@@ -63,8 +70,10 @@ def die_once(variable: str) -> None:
     os._exit(1)
 
 
-def fetch_and_decode(batch: pa.Table, *, retries: int, endpoint: str | None, max_pixels: int, max_side: int) -> pa.Table:
-    """Ray Data task: fetch a batch of objects concurrently (IO-bound), decode them one by one."""
+def fetch_and_decode(batch: pa.Table, *, retries: int, endpoint: str | None, max_pixels: int, max_side: int,
+                     jpeg_passthrough: bool = False) -> pa.Table:
+    """Ray Data task: fetch a batch of objects concurrently (IO-bound), decode them one by one
+    (with ``jpeg_passthrough``, the JPEGs nvJPEG can take are passed on undecoded)."""
     die_once("FACEBATCH_FAULT_KILL_READ_TASK_ONCE")
     rows = batch.to_pylist()
 
@@ -85,7 +94,7 @@ def fetch_and_decode(batch: pa.Table, *, retries: int, endpoint: str | None, max
         fetched = list(pool.map(fetch, rows))
     out_rows = []
     for row, (data, error, fetch_s) in zip(rows, fetched):
-        decoded = _decode_one(row, data, error, max_pixels, max_side)
+        decoded = _decode_one(row, data, error, max_pixels, max_side, jpeg_passthrough)
         decoded["fetch_s"] = fetch_s
         out_rows.append(decoded)
     return pa.Table.from_pylist(out_rows, schema=DECODED_SCHEMA)
@@ -111,3 +120,44 @@ def decoded_images(batch: pa.Table, ok_idx: np.ndarray) -> list[np.ndarray]:
         j = int(i - starts[k])
         views.append(data[offsets[j] : offsets[j + 1]].reshape(int(hs[i]), int(ws[i]), 3))
     return views
+
+
+def batch_images(batch: pa.Table, status: list, errors: list, *, max_pixels: int, max_side: int | None,
+                 device_decoder=None) -> tuple[np.ndarray, list, list[float], list[int]]:
+    """The images of a decoded batch's ok rows, for the models: decoded pixels viewed in place,
+    and the JPEG files passed on undecoded (``encoded``) decoded here, on the GPU by
+    ``device_decoder`` (facebatch.device_jpeg.DeviceJpegDecoder) and, where it gives None or
+    there is none, by the CPU decoder, which also classifies a bad file.
+
+    Returns (ok row indices, images, scales, rows that failed here); ``status`` and ``errors``
+    are updated in place for the rows that failed."""
+    from .decode import DecodeError, decode_image
+
+    n = batch.num_rows
+    encoded = batch.column("encoded").to_pylist() if "encoded" in batch.column_names else [None] * n
+    in_place = [i for i in range(n) if status[i] == "ok" and encoded[i] is None]
+    passed_on = [i for i in range(n) if status[i] == "ok" and encoded[i] is not None]
+    scale_column = batch.column("scale").to_pylist()
+    images = dict(zip(in_place, decoded_images(batch, np.array(in_place, np.int64))))
+    scales = {i: float(scale_column[i]) for i in in_place}
+    failed: list[int] = []
+    if passed_on:
+        files = [encoded[i] for i in passed_on]
+        on_device = device_decoder.decode(files) if device_decoder is not None else [None] * len(files)
+        widths = batch.column("width").to_pylist()
+        for i, data, image in zip(passed_on, files, on_device):
+            if image is None:
+                try:
+                    image = decode_image(data, max_pixels=max_pixels, max_side=max_side).rgb
+                except DecodeError as exc:
+                    status[i], errors[i] = exc.status, exc.message
+                    failed.append(i)
+                    continue
+                except Exception as exc:  # a decoder bug must cost one row, never the run
+                    status[i], errors[i] = "corrupt", f"decoder failed: {type(exc).__name__}: {exc}"
+                    failed.append(i)
+                    continue
+            images[i] = image
+            scales[i] = widths[i] / int(image.shape[1])
+    ok_idx = np.array(sorted(images), np.int64)
+    return ok_idx, [images[i] for i in ok_idx], [scales[i] for i in ok_idx], failed

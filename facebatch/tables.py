@@ -121,6 +121,8 @@ DECODED_SCHEMA = pa.schema(
         pa.field("pix_h", pa.int32()),
         pa.field("pix_w", pa.int32()),
         pa.field("pixels", pa.large_binary()),  # RGB uint8, pix_h x pix_w x 3, row-major
+        # The JPEG file itself, for the actor to decode on its GPU (--gpu-jpeg-decode); pixels is null then.
+        pa.field("encoded", pa.large_binary()),
         pa.field("fetch_s", pa.float32()),
         pa.field("decode_s", pa.float32()),
     ]

@@ -27,7 +27,7 @@ def test_gpu_check_runs_on_cpu(tmp_path, astronaut_rgb):
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--photos", str(photos),
          "--limit", "2", "--max-side", "640", "--batch-sizes", "1,2", "--seconds-per-config", "0.5",
-         "--threads", "1", "--small-budget", "8M", "--json", str(report_path)],
+         "--decode-seconds", "0.5", "--threads", "1", "--small-budget", "8M", "--json", str(report_path)],
         capture_output=True, text=True, timeout=240, env=env,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -44,4 +44,8 @@ def test_gpu_check_runs_on_cpu(tmp_path, astronaut_rgb):
     assert all(r["images_per_s"] > 0 and r["oom_retries"] == 0 for r in report["throughput"])
     assert report["runtime_calls_per_batch"]["aten_ops"] > 0
     assert report["runtime_calls_per_batch"]["facebatch_transfers"] == 4  # batch, two detector tables, alignment
+    decoding = report["jpeg_decoding"]
+    assert (decoding["photos"], decoding["passed_on"]) == (2, 1)  # the JPEG, not the PNG
+    assert decoding["cpu_decoder"]["images_per_s"] > 0
+    assert "needs CUDA inference actors" in decoding["nvjpeg"]["skipped"]
     assert "PASS" in proc.stdout

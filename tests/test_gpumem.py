@@ -214,6 +214,11 @@ def test_analyzer_uploads_a_batch_once_for_detection_and_alignment(scenes):
             np.testing.assert_array_equal(a.sharpness, b.sharpness)
     # The batch, the detector's image tables, P-Net's tables, the alignment's face tables.
     assert transfers == [4, 4]
+    # Images already on the device (nvJPEG decodes there) stay there, next to uploaded ones.
+    mixed = [torch.from_numpy(np.ascontiguousarray(im)) if k % 2 else im for k, im in enumerate(scenes)]
+    got = staged.analyze(mixed)
+    for a, b in zip(got, plain.analyze(scenes)):
+        np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-5)
 
 
 def test_small_budget_gives_same_results_in_more_calls(scenes, reference):
@@ -388,6 +393,7 @@ def actor(analyzer):
 
     obj = FaceModelActor.__new__(FaceModelActor)  # no models: the analyzer is the fake
     obj.embed, obj.decode, obj.analyzer = False, None, analyzer
+    obj.jpeg_decoder, obj.limits = None, {"max_pixels": 100_000_000, "max_side": 2048}
     return obj
 
 

@@ -558,6 +558,12 @@ def test_dockerfile():
     runs = [rest for kw, rest in instructions if kw == "RUN"]
     assert any("download.pytorch.org/whl/" in args["TORCH_INDEX_URL"] and '--index-url "${TORCH_INDEX_URL}"' in r
                and '"torch==${TORCH_VERSION}+${TORCH_CUDA}"' in r for r in runs), "CUDA torch from the PyTorch index"
+    # torchvision (nvJPEG for --gpu-jpeg-decode) of the same CUDA flavour, in the same install, and the
+    # release made for this torch (torchvision 0.N+15 requires torch 2.N exactly).
+    assert any('"torchvision==${TORCHVISION_VERSION}+${TORCH_CUDA}"' in r and '"torch==' in r for r in runs)
+    torch_minor = int(args["TORCH_VERSION"].split(".")[1])
+    assert re.fullmatch(rf"0\.{torch_minor + 15}\.\d+", args["TORCHVISION_VERSION"]), args["TORCHVISION_VERSION"]
+    assert any("from torchvision.io import decode_jpeg" in r for r in runs), "the image checks that nvJPEG's entry imports"
     # The package is copied in and installed (not editable), with Ray pinned to the cluster's version.
     copies = [rest.split() for kw, rest in instructions if kw == "COPY"]
     copied = {src for parts in copies for src in parts[:-1] if not src.startswith("--")}

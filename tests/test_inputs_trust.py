@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import shutil
 
 import pytest
@@ -41,8 +43,26 @@ def test_pipeline_version_covers_the_pixel_limit_and_the_code(monkeypatch):
     v = pipeline_version(hashes, base)
     assert pipeline_version(hashes, dataclasses.replace(base, max_pixels=50_000_000)) != v
     assert pipeline_version(hashes, dataclasses.replace(base, batch_size=7)) == v  # sizing changes no result
+    # nvJPEG's pixels are not libjpeg's: its rows are another version (and existing versions stay).
+    assert pipeline_version(hashes, dataclasses.replace(base, gpu_jpeg_decode=True)) != v
+    assert v == "v1-" + hashlib.sha256(json.dumps(_material_before_gpu_jpeg(hashes, base), sort_keys=True).encode()).hexdigest()[:12]
     for name in ("DETECTOR_CODE_VERSION", "ALIGNMENT_CODE_VERSION", "DECODER_CODE_VERSION", "EMBEDDER_CODE_VERSION"):
         with monkeypatch.context() as m:
             m.setattr(versions, name, getattr(versions, name) + 1)
             assert pipeline_version(hashes, base) != v, name
     assert pipeline_version(hashes, base) == v
+
+
+def _material_before_gpu_jpeg(hashes, config):
+    """What pipeline_version hashed before --gpu-jpeg-decode existed: a version must not change
+    under users who do not use the new option (every object would be reindexed)."""
+    return {
+        "models": dict(sorted(hashes.items())),
+        "detector": dataclasses.asdict(config.detector),
+        "max_side": config.max_side,
+        "max_pixels": config.max_pixels,
+        "code": {"detector": versions.DETECTOR_CODE_VERSION, "alignment": versions.ALIGNMENT_CODE_VERSION,
+                 "decoder": versions.DECODER_CODE_VERSION, "embedder": versions.EMBEDDER_CODE_VERSION},
+        "embed": config.embed,
+        "schema": 2,
+    }

@@ -337,6 +337,11 @@ def test_default_sizing_follows_the_cluster():
         IndexConfig(source="/x", out="/y", actors_per_gpu=0).validate()
     with pytest.raises(RuntimeError, match="has none"):
         default_sizing(IndexConfig(source="/x", out="/y", device="cuda").validate(), {"CPU": 8})
+    # nvJPEG decodes on the actors' GPUs: refused, with the reason, when the actors use the CPU.
+    with pytest.raises(ConfigError, match="--gpu-jpeg-decode needs CUDA inference actors"):
+        default_sizing(IndexConfig(source="/x", out="/y", gpu_jpeg_decode=True).validate(), {"CPU": 8})
+    assert default_sizing(IndexConfig(source="/x", out="/y", gpu_jpeg_decode=True).validate(),
+                          {"CPU": 8, "GPU": 1})["device"] == "cuda"
 
 
 def test_the_actor_pool_can_grow_with_the_cluster():

@@ -328,9 +328,11 @@ def main() -> int:
           f"{decoding.get('cpu_decoder')}; nvJPEG " + (nv["skipped"] if "skipped" in nv else
           f"{nv.get('images_per_s')} images/s, refused {nv.get('refused')}, pixels mean |diff| "
           f"{nv.get('pixel_mean_abs_diff')} (worst photo {nv.get('pixel_worst_mean_abs_diff')}, max {nv.get('pixel_max_abs_diff')}), "
-          f"faces parity {'PASS' if nv.get('faces', {}).get('ok') else 'FAIL'}"))
+          f"faces parity {'PASS' if nv.get('faces', {}).get('ok') else 'FAIL'}, same array sizes {nv.get('same_size')}"))
     if nv and "skipped" not in nv:
-        failed |= not nv["faces"]["ok"]
+        # Parity over what nvJPEG actually decoded, and it must have decoded every file it was given.
+        nv["ok"] = nv["faces"]["ok"] and nv["refused"] == 0 and nv["same_size"] == decoding["passed_on"]
+        failed |= not nv["ok"]
 
     # ---- 3. throughput, peak memory, OOM retries; 4. runtime calls of one batch ----
     from facebatch.inference import FaceAnalyzer

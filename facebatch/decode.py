@@ -562,11 +562,41 @@ class JpegPlan:
         return self.stored_width if self.orientation >= 5 else self.stored_height
 
 
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_frame(data: bytes) -> tuple[int, int] | None:
+    """(SOF marker, sample precision) of a JPEG's frame header, walking its marker segments;
+    None when the header cannot be walked or the scan starts first."""
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
+            pos += 2
+            continue
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if marker in _SOF_MARKERS:
+            return (marker, data[pos + 4]) if pos + 4 < end else None
+        pos += 2 + length
+    return None
+
+
 def plan_jpeg(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None) -> JpegPlan | None:
     """The plan of a complete baseline RGB or grey JPEG within ``max_pixels``, read from its
-    header; None for anything else (progressive, CMYK, cut short, too large, not a JPEG, a
-    header Pillow refuses), which :func:`decode_image` must then decode or classify."""
+    header; None for anything else (progressive, lossless, arithmetic-coded, 12-bit, CMYK, cut
+    short, too large, not a JPEG, a header Pillow refuses), which :func:`decode_image` must then
+    decode or classify. Baseline and extended sequential Huffman 8-bit frames (SOF0, SOF1) are
+    what nvJPEG decodes on the GPU."""
     if not data.startswith(b"\xff\xd8\xff") or not data.endswith(b"\xff\xd9"):
+        return None
+    if _jpeg_frame(data) not in ((0xC0, 8), (0xC1, 8)):
         return None
     try:
         im = _open_header(bytes(data), "JPEG")

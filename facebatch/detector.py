@@ -950,6 +950,8 @@ class MTCNNDetector:
         groups, start, used = [], 0, 0
         for i, im in enumerate(images):
             need = _integral_bytes(im.shape[0], im.shape[1])
+            if self._gpu_planning and not isinstance(im, torch.Tensor):
+                need += int(im.shape[0]) * int(im.shape[1]) * 3  # its pixels, uploaded with the group
             if i > start and used + need > limit:
                 groups.append((start, i))
                 start, used = i, 0

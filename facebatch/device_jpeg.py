@@ -52,14 +52,25 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image
 
 
+#: Rows of full-size pixels averaged per step of `reduce` (bounds its float32 temporaries to
+#: about 12 bytes x this x the width: 100 MB for a 4,000-pixel-wide photo).
+_REDUCE_ROWS = 2048
+
+
 def reduce(image: torch.Tensor, factor: int) -> torch.Tensor:
     """HxWx3 uint8 averaged over factor x factor blocks to ceil(H/f) x ceil(W/f), the array size
-    libjpeg's DCT scaling gives (edge blocks average the pixels they have)."""
+    libjpeg's DCT scaling gives (edge blocks average the pixels they have). In strips of rows,
+    so that a 100-MP photo does not need a 1.2 GB float copy on the device."""
     if factor == 1:
         return image
-    chw = image.permute(2, 0, 1)[None].float()
-    pooled = F.avg_pool2d(chw, factor, stride=factor, ceil_mode=True, count_include_pad=False)
-    return pooled[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+    h, w, _ = image.shape
+    out = torch.empty((-(-h // factor), -(-w // factor), 3), dtype=torch.uint8, device=image.device)
+    step = max(factor, _REDUCE_ROWS // factor * factor)
+    for r0 in range(0, h, step):
+        chw = image[r0 : r0 + step].permute(2, 0, 1)[None].float()
+        pooled = F.avg_pool2d(chw, factor, stride=factor, ceil_mode=True, count_include_pad=False)
+        out[r0 // factor : r0 // factor + pooled.shape[2]] = pooled[0].round_().clamp_(0, 255).permute(1, 2, 0)
+    return out
 
 
 def finish(image_chw: torch.Tensor, plan: JpegPlan) -> torch.Tensor:
@@ -71,8 +82,13 @@ class NvJpegUnavailable(RuntimeError):
     """--gpu-jpeg-decode was asked for where nvJPEG cannot run (no CUDA, or no torchvision)."""
 
 
+#: Decoded bytes (stored width x height x 3) per nvJPEG call: a batch of big photos is decoded in
+#: several calls, so the full-size images of one call never need more than this at once.
+NVJPEG_CALL_BYTES = 1 << 30
+
+
 def nvjpeg_batch_decoder(device: torch.device | str) -> Callable[[Sequence[bytes]], list[torch.Tensor | None]]:
-    """A function that decodes a batch of JPEG files with nvJPEG on ``device`` (3xHxW uint8
+    """A function that decodes a list of JPEG files with nvJPEG on ``device`` (3xHxW uint8
     tensors there, RGB; None for a file nvJPEG refused). Raises NvJpegUnavailable with the
     reason when that cannot work here."""
     device = torch.device(device)
@@ -84,26 +100,30 @@ def nvjpeg_batch_decoder(device: torch.device | str) -> Callable[[Sequence[bytes
         raise NvJpegUnavailable(
             f"--gpu-jpeg-decode needs torchvision (the 'gpu' extra) in the actors' Python: {type(exc).__name__}: {exc}"
         ) from exc
+    from .gpumem import is_fatal_device_error, is_oom, release_cached
+
+    def call(inputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """One batched call; a failing call is split in halves to find the files nvJPEG
+        refuses (one bad file fails the whole call), so a batch costs few calls."""
+        try:
+            # nvJPEG writes on its own stream into memory allocated on the current one: let
+            # the current stream's queued work finish with whatever it frees first.
+            torch.cuda.current_stream(device).synchronize()
+            return list(decode_jpeg(inputs, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError as exc:
+            if is_fatal_device_error(exc):
+                raise
+            if is_oom(exc):
+                release_cached(device)
+            if len(inputs) == 1:
+                return [None]
+            # An error that poisoned the context surfaces here, before more work is queued.
+            torch.cuda.synchronize(device)
+        half = len(inputs) // 2
+        return call(inputs[:half]) + call(inputs[half:])
 
     def decode(files: Sequence[bytes]) -> list[torch.Tensor | None]:
-        if not files:
-            return []
-        inputs = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in files]
-        try:
-            return list(decode_jpeg(inputs, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError:
-            pass  # one bad file fails the whole batched call: find it, decode the others
-        out: list[torch.Tensor | None] = []
-        for one in inputs:
-            try:
-                out.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError as exc:
-                from .gpumem import is_fatal_device_error
-
-                if is_fatal_device_error(exc):
-                    raise
-                out.append(None)
-        return out
+        return call([torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in files]) if files else []
 
     return decode
 
@@ -112,25 +132,61 @@ class DeviceJpegDecoder:
     """Decodes the passed-on JPEG files of a batch on the GPU, oriented and reduced as planned.
 
     ``decode(files)`` returns, per file, the HxWx3 uint8 tensor on the device, or None where the
-    file must go to the CPU decoder instead (its plan is None, or nvJPEG refused it).
-    ``batch_decode`` is the nvJPEG call (:func:`nvjpeg_batch_decoder`); the tests give the same
-    interface a CPU decoder, to run everything around it on a machine without a GPU.
+    file must go to the CPU decoder instead (its plan is None, nvJPEG refused it, or finishing it
+    ran out of memory). Errors that leave the device unusable are raised. ``batch_decode`` is
+    the nvJPEG call (:func:`nvjpeg_batch_decoder`); the tests give the same interface a CPU
+    decoder, to run everything around it on a machine without a GPU. ``refused`` counts the
+    files sent to the CPU decoder after all.
     """
 
     def __init__(self, batch_decode: Callable[[Sequence[bytes]], list], max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_side: int | None = None):
+                 max_side: int | None = None, call_bytes: int = NVJPEG_CALL_BYTES):
         self.batch_decode = batch_decode
         self.max_pixels = max_pixels
         self.max_side = max_side
+        self.call_bytes = call_bytes
+        self.refused = 0
 
     def decode(self, files: Sequence[bytes]) -> list[torch.Tensor | None]:
+        from .gpumem import is_fatal_device_error, is_oom, release_cached
+
         plans = [plan_jpeg(data, max_pixels=self.max_pixels, max_side=self.max_side) for data in files]
         wanted = [k for k, plan in enumerate(plans) if plan is not None]
-        decoded = self.batch_decode([files[k] for k in wanted])
         out: list[torch.Tensor | None] = [None] * len(files)
-        for k, image in zip(wanted, decoded):
-            plan = plans[k]
-            if image is None or tuple(image.shape) != (3, plan.stored_height, plan.stored_width):
-                continue  # refused, or not the size the header promised: the CPU decoder decides
-            out[k] = finish(image, plan)
+        for group in self._calls(wanted, plans):
+            decoded = self.batch_decode([files[k] for k in group])
+            for j, k in enumerate(group):
+                image, decoded[j] = decoded[j], None  # the full-size image is freed once finished
+                plan = plans[k]
+                if image is None or tuple(image.shape) != (3, plan.stored_height, plan.stored_width):
+                    continue  # refused, or not the size the header promised: the CPU decoder decides
+                try:
+                    out[k] = finish(image, plan)
+                except Exception as exc:
+                    if is_fatal_device_error(exc):
+                        raise
+                    if is_oom(exc):
+                        release_cached(image.device)
+                    log.warning("nvJPEG result of file %d of the batch could not be finished (%s: %s); "
+                                "the CPU decoder takes it", k, type(exc).__name__, str(exc).splitlines()[0][:200])
+                del image
+        refused = sum(1 for k in wanted if out[k] is None)
+        if refused:
+            self.refused += refused
+            log.warning("nvJPEG refused %d of the %d JPEG files of a batch; the CPU decoder takes them", refused,
+                        len(wanted))
         return out
+
+    def _calls(self, wanted: list[int], plans: list) -> list[list[int]]:
+        """Consecutive groups of files whose full-size pixels fit `call_bytes` (one file at least)."""
+        groups, current, used = [], [], 0
+        for k in wanted:
+            need = plans[k].stored_width * plans[k].stored_height * 3
+            if current and used + need > self.call_bytes:
+                groups.append(current)
+                current, used = [], 0
+            current.append(k)
+            used += need
+        if current:
+            groups.append(current)
+        return groups

@@ -6,6 +6,7 @@ all call `FaceAnalyzer.analyze`, so what is tested here is what runs on the clus
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -119,12 +120,34 @@ class FaceAnalyzer:
             hashes["dlib_resnet_v1"] = self.embedder.weights_sha256
         return hashes
 
+    def _align(self, images, detections) -> torch.Tensor | None:
+        """The aligned chips of every face (None without an embedder or without faces)."""
+        counts = [len(d.scores) for d in detections]
+        if self.embedder is None or not sum(counts):
+            return None
+        landmarks = np.concatenate([d.landmarks for d in detections]).astype(np.float32)
+        return self.embedder.align(images, np.repeat(np.arange(len(images)), counts), landmarks)
+
+    @contextlib.contextmanager
+    def _budgets_less(self, nbytes: int):
+        """Explicit memory budgets of the models lowered by `nbytes` for the block."""
+        models = [m for m in (self.detector, self.embedder) if m is not None and m._explicit_budget is not None]
+        saved = [m._explicit_budget for m in models]
+        for m in models:
+            m._explicit_budget = max(1 << 20, m._explicit_budget - nbytes)
+        try:
+            yield
+        finally:
+            for m, budget in zip(models, saved):
+                m._explicit_budget = budget
+
     def analyze(self, images: list[np.ndarray], scales: list[float] | None = None, times: StageTimes | None = None) -> list[ImageFaces]:
         """Faces of every image. `scales[i]` maps image i's pixels to its full-size original
         (a reduced-size decode has scale > 1); boxes and landmarks come back in original pixels."""
         if not images:
             return []
         scales = scales if scales is not None else [1.0] * len(images)
+        n_images = len(images)
         t0 = time.perf_counter()
         max_pixels = self.detector.max_pixels
         device = torch.device(self.device)
@@ -141,29 +164,30 @@ class FaceAnalyzer:
             images = list(images)
             for k, sent in zip(host, upload_all([images[k] for k in host], device)):
                 images[k] = sent
-        detections = self.detector.detect(images)
-        t1 = time.perf_counter()
+            staged_bytes = sum(int(im.shape[0]) * int(im.shape[1]) * 3 for im in images)
+        else:
+            staged_bytes = 0
+        # The staged batch is this actor's memory too: explicit budgets (a GPU shared by several
+        # actors) shrink by it while it lives; budgets read from the free memory already see it.
+        with self._budgets_less(staged_bytes):
+            detections = self.detector.detect(images)
+            t1 = time.perf_counter()
+            chips = self._align(images, detections)
+        del images  # the staged batch: freed before the embedder's calls
+        if chips is not None:
+            chips_t = torch.as_tensor(chips)
+            embeddings = np.asarray(self.embedder.embed_chips(chips), dtype=np.float32)
+            sharpness = chip_sharpness(chips_t)
         counts = [len(d.scores) for d in detections]
         total = sum(counts)
-        landmarks = (
-            np.concatenate([d.landmarks for d in detections]).astype(np.float32) if total else np.zeros((0, 5, 2), np.float32)
-        )
-        embeddings = None
-        sharpness = np.full(total, np.nan, np.float32)
-        if self.embedder is not None:
-            image_index = np.repeat(np.arange(len(images)), counts)
-            if total:
-                chips = self.embedder.align(images, image_index, landmarks)
-                chips_t = torch.as_tensor(chips)
-                embeddings = np.asarray(self.embedder.embed_chips(chips), dtype=np.float32)
-                sharpness = chip_sharpness(chips_t)
-            else:
-                embeddings = np.zeros((0, 128), np.float32)
+        if chips is None:
+            embeddings = None if self.embedder is None else np.zeros((0, 128), np.float32)
+            sharpness = np.full(total, np.nan, np.float32)
         t2 = time.perf_counter()
         if times is not None:
             times.detect_s += t1 - t0
             times.embed_s += t2 - t1
-            times.images += len(images)
+            times.images += n_images
             times.faces += total
 
         results: list[ImageFaces] = []

@@ -379,7 +379,10 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
         # One input block per inference batch: Ray Data hands an actor (and a decode task) a whole
         # input block per call, so big blocks would serialise the pool and, with preserve_order,
         # hold every result back until the block is done.
-        refs = [ray.put(pa.Table.from_batches([b])) for b in plan.batches(rows=sizing["batch_size"])]
+        # The first block is a quarter batch: its results come back after a few images, which is
+        # when a user (and a nightly's log) first sees the run working.
+        refs = [ray.put(pa.Table.from_batches([b]))
+                for b in plan.batches(rows=sizing["batch_size"], first_rows=max(1, sizing["batch_size"] // 4))]
         ds = ray.data.from_arrow_refs(refs)
         decode_kwargs = {"retries": config.fetch_retries, "endpoint": endpoint, "max_pixels": config.max_pixels,
                          "max_side": config.max_side, "jpeg_passthrough": config.gpu_jpeg_decode}
@@ -398,7 +401,10 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
             )
         ds = ds.map_batches(
             FaceModelActor,
-            batch_size=sizing["batch_size"],
+            # Fetching and decoding in the actor, each input block is one call (Ray Data would
+            # otherwise bundle the small first block with the next one); after decode tasks,
+            # their small output blocks are bundled up to the batch size.
+            batch_size=None if sizing["decode_in_actor"] else sizing["batch_size"],
             batch_format="pyarrow",
             fn_constructor_kwargs={
                 "device": sizing["device"],

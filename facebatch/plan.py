@@ -41,8 +41,15 @@ class Plan:
     counts: dict[str, int] = field(default_factory=dict)  # new, changed, retry, unchanged, deleted, listed
     deleted_ids_path: str | None = None
 
-    def batches(self, rows: int = 10_000) -> Iterator[pa.RecordBatch]:
+    def batches(self, rows: int = 10_000, first_rows: int | None = None) -> Iterator[pa.RecordBatch]:
+        """The objects to process in batches of `rows`; with `first_rows`, the first batch is cut
+        in two there, so that the first results of a run come after a few images, not a batch."""
+        first = True
         for batch in pq.ParquetFile(self.todo_path, pre_buffer=False).iter_batches(batch_size=rows):
+            if first and first_rows and batch.num_rows > first_rows:
+                yield batch.slice(0, first_rows)
+                batch = batch.slice(first_rows)
+            first = False
             yield batch
 
     @property

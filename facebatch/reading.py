@@ -34,7 +34,10 @@ def _decode_one(row: dict, data: bytes | None, fetch_error: str | None, max_pixe
         return out
     out["size_bytes"] = len(data)
     t0 = time.perf_counter()
-    plan = plan_jpeg(data, max_pixels=max_pixels, max_side=max_side) if jpeg_passthrough else None
+    try:
+        plan = plan_jpeg(data, max_pixels=max_pixels, max_side=max_side) if jpeg_passthrough else None
+    except Exception:  # a header the plan cannot read: the CPU decoder below classifies the file
+        plan = None
     if plan is not None:
         # The actor decodes it on its GPU (facebatch.device_jpeg); only the header was read here.
         out.update(status="ok", width=plan.width, height=plan.height, format="JPEG", encoded=data,

@@ -16,6 +16,7 @@ transfers per batch does not grow with the batch.
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -23,6 +24,57 @@ import torch
 
 # Slots start on this boundary, so every slot can be viewed as any dtype up to 16 bytes.
 _ALIGN = 16
+#: Transfers at least this big (a batch's images) go through one grow-only page-locked buffer
+#: per device, registered with cudaHostRegister, instead of torch's caching host allocator,
+#: which rounds every pinned block up to a power of two and keeps it (a 2.3 GB batch would pin
+#: 4 GiB for the actor's life).
+LARGE_TRANSFER_BYTES = 64 << 20
+_ARENA_STEP = 64 << 20
+
+
+class _PinnedArena:
+    """One reusable page-locked host buffer for a device's large transfers. Before it is
+    refilled, the previous copy out of it must have finished (an event recorded after the copy;
+    by the next batch it has long finished, so the wait is free). Where the registration fails
+    the buffer stays pageable: the copy is then synchronous, still one per batch."""
+
+    def __init__(self):
+        self.array: np.ndarray | None = None
+        self.pinned = False
+        self.copied = None  # torch.cuda.Event of the last copy out of the buffer
+        self.lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if self.copied is not None:
+            self.copied.synchronize()
+            self.copied = None
+        if self.array is None or self.array.nbytes < nbytes:
+            self._release()
+            self.array = np.empty(-(-nbytes // _ARENA_STEP) * _ARENA_STEP, np.uint8)
+            try:
+                torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(self.array.ctypes.data, self.array.nbytes, 0))
+                self.pinned = True
+            except Exception:  # no page-locking allowed (ulimit -l, containers): pageable copies
+                self.pinned = False
+        return torch.from_numpy(self.array[:nbytes])
+
+    def copied_on(self, device: torch.device) -> None:
+        self.copied = torch.cuda.Event()
+        self.copied.record(torch.cuda.current_stream(device))
+
+    def _release(self) -> None:
+        if self.array is not None and self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.array.ctypes.data)
+        self.array, self.pinned = None, False
+
+
+_ARENAS: dict[torch.device, _PinnedArena] = {}
+_ARENAS_LOCK = threading.Lock()
+
+
+def _arena(device: torch.device) -> _PinnedArena:
+    with _ARENAS_LOCK:
+        return _ARENAS.setdefault(device, _PinnedArena())
 
 
 class UploadCounter:
@@ -58,12 +110,23 @@ class Upload:
         if not self._slots:
             return []
         cuda = self.device.type == "cuda"
-        host = torch.empty(max(self._nbytes, 1), dtype=torch.uint8, pin_memory=cuda)
-        host_bytes = host.numpy()
-        for offset, array in self._slots:
-            if array.nbytes:
-                np.copyto(host_bytes[offset : offset + array.nbytes].view(array.dtype).reshape(array.shape), array)
-        device_bytes = host.to(self.device, non_blocking=True) if cuda else host
+        nbytes = max(self._nbytes, 1)
+        arena = _arena(self.device) if cuda and nbytes >= LARGE_TRANSFER_BYTES else None
+        if arena is not None:
+            arena.lock.acquire()
+        try:
+            host = arena.take(nbytes) if arena is not None else torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+            host_bytes = host.numpy()
+            for offset, array in self._slots:
+                if array.nbytes:
+                    np.copyto(host_bytes[offset : offset + array.nbytes].view(array.dtype).reshape(array.shape), array)
+            pinned = arena.pinned if arena is not None else cuda
+            device_bytes = host.to(self.device, non_blocking=pinned) if cuda else host
+            if arena is not None:
+                arena.copied_on(self.device)
+        finally:
+            if arena is not None:
+                arena.lock.release()
         TRANSFERS.count += 1
         if self.counter is not None:
             self.counter.count += 1

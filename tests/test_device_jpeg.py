@@ -76,6 +76,32 @@ def test_plan_takes_only_what_nvjpeg_decodes():
     assert plan_jpeg(encode(image, "PNG")) is None
     assert plan_jpeg(baseline, max_pixels=40 * 30 - 1) is None  # the CPU decoder says 'too_large'
     assert plan_jpeg(b"\xff\xd8\xff" + b"\x00" * 50 + b"\xff\xd9") is None
+    # Frame types nvJPEG does not decode, which Pillow reads as plain RGB: lossless (SOF3) and
+    # arithmetic-coded (SOF9) frames; the frame marker is what the plan goes by.
+    sof0 = baseline.index(b"\xff\xc0")
+    for marker in (b"\xff\xc3", b"\xff\xc9"):
+        assert plan_jpeg(baseline[:sof0] + marker + baseline[sof0 + 2 :]) is None
+
+
+def test_reduction_in_strips_and_decoding_in_bounded_calls(monkeypatch, astronaut_rgb):
+    """Big photos: the reduction works in strips of rows and the files of a batch go to the
+    batch decoder in calls of bounded size; neither changes a pixel."""
+    from facebatch import device_jpeg
+
+    files = [encode(Image.fromarray(np.ascontiguousarray(astronaut_rgb[: 500 - 37 * k])), "JPEG", quality=90)
+             for k in range(3)]
+    whole = DeviceJpegDecoder(libjpeg_batch_decode, max_side=100).decode(files)
+    calls = []
+
+    def counting(batch):
+        calls.append(len(batch))
+        return libjpeg_batch_decode(batch)
+
+    monkeypatch.setattr(device_jpeg, "_REDUCE_ROWS", 16)
+    bounded = DeviceJpegDecoder(counting, max_side=100, call_bytes=512 * 512 * 3).decode(files)
+    assert calls == [1, 1, 1]
+    for a, b in zip(whole, bounded):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_nvjpeg_refuses_to_start_without_cuda():

@@ -214,6 +214,16 @@ def test_analyzer_uploads_a_batch_once_for_detection_and_alignment(scenes):
             np.testing.assert_array_equal(a.sharpness, b.sharpness)
     # The batch, the detector's image tables, P-Net's tables, the alignment's face tables.
     assert transfers == [4, 4]
+    # The staged batch counts against explicit budgets (several actors sharing a GPU) while it lives.
+    staged.detector._explicit_budget = staged.embedder._explicit_budget = 64 << 20
+    seen = []
+    detect = staged.detector.detect
+    staged.detector.detect = lambda images: seen.append(staged.detector._explicit_budget) or detect(images)
+    staged.analyze(scenes[:2])
+    del staged.detector.detect
+    assert seen == [(64 << 20) - sum(im.shape[0] * im.shape[1] * 3 for im in scenes[:2])]
+    assert staged.detector._explicit_budget == staged.embedder._explicit_budget == 64 << 20
+    staged.detector._explicit_budget = staged.embedder._explicit_budget = None
     # Images already on the device (nvJPEG decodes there) stay there, next to uploaded ones.
     mixed = [torch.from_numpy(np.ascontiguousarray(im)) if k % 2 else im for k, im in enumerate(scenes)]
     got = staged.analyze(mixed)

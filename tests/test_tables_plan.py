@@ -77,6 +77,11 @@ def test_local_listing_is_sorted_and_skips_hidden(tmp_path):
     expected = sorted(str(tmp_path / rel) for rel in ["b/z.jpg", "b.jpg", "a/c/d.jpg", "a/e.jpg"])
     assert ids == expected  # byte order of full paths: what keeps output files sorted
     assert plan.counts == {"new": 4, "changed": 0, "retry": 0, "unchanged": 0, "listed": 4, "deleted": 0}
+    # A short first batch (first results sooner), then full ones, every object once, in order.
+    sized = list(plan.batches(rows=3, first_rows=1))
+    assert [b.num_rows for b in sized] == [1, 2, 1]
+    assert [r["image_id"] for b in sized for r in b.to_pylist()] == expected
+    assert [b.num_rows for b in plan.batches(rows=3, first_rows=5)] == [3, 1]
     plan.cleanup()
 
 

@@ -428,7 +428,10 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
             num_gpus=sizing["num_gpus"],
         )
         last_log = time.perf_counter()
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+        # No prefetch: Ray Data's executor runs ahead on its own, and a prefetching iterator holds
+        # the first results back until more batches are done (measured: +7 s to the first
+        # results of the 153-photo run on 2 cores).
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             images_rows, faces_rows = split_output(batch, version, run_id, indexed_at)
             writer.write("faces", faces_rows)
             writer.write("images", images_rows)

@@ -225,6 +225,13 @@ def pipeline_version(model_hashes: dict[str, str], config: IndexConfig) -> str:
     Two runs with the same pipeline version produce the same rows for the same bytes, so
     an (uri, etag) already indexed under it is skipped.
     """
+    material = version_material(model_hashes, config)
+    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+    return f"v1-{digest[:12]}"
+
+
+def version_material(model_hashes: dict[str, str], config: IndexConfig) -> dict[str, Any]:
+    """What `pipeline_version` hashes."""
     from . import versions
 
     material = {
@@ -242,5 +249,4 @@ def pipeline_version(model_hashes: dict[str, str], config: IndexConfig) -> str:
     }
     if config.gpu_jpeg_decode:  # nvJPEG's pixels are not libjpeg's: other rows (absent otherwise,
         material["jpeg_decoder"] = "nvjpeg"  # so that existing versions stay what they were)
-    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
-    return f"v1-{digest[:12]}"
+    return material

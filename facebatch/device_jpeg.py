@@ -128,14 +128,28 @@ def nvjpeg_batch_decoder(device: torch.device | str) -> Callable[[Sequence[bytes
     return decode
 
 
+def opencv_batch_decode(files: Sequence[bytes]) -> list[torch.Tensor | None]:
+    """libjpeg (through OpenCV) behind nvJPEG's interface: stored orientation, full size, 3xHxW
+    uint8 on the CPU; None for a file it cannot read. The reference that runs everything around
+    nvJPEG on a machine without a GPU (tests/test_device_jpeg.py, bench/jpeg_reduction_parity.py)."""
+    import cv2
+    import numpy as np
+
+    out: list[torch.Tensor | None] = []
+    for data in files:
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+        out.append(None if array is None else torch.from_numpy(array).permute(2, 0, 1))
+    return out
+
+
 class DeviceJpegDecoder:
     """Decodes the passed-on JPEG files of a batch on the GPU, oriented and reduced as planned.
 
     ``decode(files)`` returns, per file, the HxWx3 uint8 tensor on the device, or None where the
     file must go to the CPU decoder instead (its plan is None, nvJPEG refused it, or finishing it
     ran out of memory). Errors that leave the device unusable are raised. ``batch_decode`` is
-    the nvJPEG call (:func:`nvjpeg_batch_decoder`); the tests give the same interface a CPU
-    decoder, to run everything around it on a machine without a GPU. ``refused`` counts the
+    the nvJPEG call (:func:`nvjpeg_batch_decoder`), or :func:`opencv_batch_decode` to run
+    everything around it on a machine without a GPU. ``refused`` counts the
     files sent to the CPU decoder after all.
     """
 

@@ -128,7 +128,8 @@ class FaceModelActor:
         t_decode = time.perf_counter()
         ok_idx, images, ok_scales, failed_here = batch_images(batch, status, errors, device_decoder=self.jpeg_decoder,
                                                               **self.limits)
-        decode_here_s = time.perf_counter() - t_decode if "encoded" in batch.column_names else 0.0
+        passed_on = batch.num_rows - batch.column("encoded").null_count
+        decode_here_s = time.perf_counter() - t_decode if passed_on else 0.0
         if failed_here:  # a passed-on JPEG that no decoder could read: an error row like any other
             batch = _clear_image_facts(batch, failed_here)
         times = StageTimes()
@@ -170,8 +171,7 @@ class FaceModelActor:
         for i, res in zip(ok_idx_final, results):
             num_faces[i] = len(res)
         n = max(1, batch.num_rows)
-        out = batch.drop_columns([c for c in ("pixels", "encoded", "pix_h", "pix_w", "status", "error")
-                                  if c in batch.column_names])
+        out = batch.drop_columns(["pixels", "encoded", "pix_h", "pix_w", "status", "error"])
         if decode_here_s:  # the passed-on JPEGs' decoding, charged to the decode stage
             decode_s = pc.add(out["decode_s"], pa.scalar(decode_here_s / max(1, batch.num_rows), pa.float32()))
             out = out.set_column(out.column_names.index("decode_s"), "decode_s", decode_s)

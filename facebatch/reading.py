@@ -22,9 +22,22 @@ from .tables import DECODED_SCHEMA
 MAX_OBJECT_BYTES = 1 << 30
 
 
+def _decode_or_error(data: bytes, max_pixels: int, max_side: int | None):
+    """(the decoded image, None, None), or (None, status, message) for a file the CPU decoder
+    refuses: a bad photo costs its own row, never the run."""
+    from .decode import DecodeError, decode_image
+
+    try:
+        return decode_image(data, max_pixels=max_pixels, max_side=max_side), None, None
+    except DecodeError as exc:
+        return None, exc.status, exc.message
+    except Exception as exc:  # a decoder bug must cost one row, never the run
+        return None, "corrupt", f"decoder failed: {type(exc).__name__}: {exc}"
+
+
 def _decode_one(row: dict, data: bytes | None, fetch_error: str | None, max_pixels: int, max_side: int,
                 jpeg_passthrough: bool = False) -> dict:
-    from .decode import DecodeError, decode_image, plan_jpeg
+    from .decode import plan_jpeg
 
     out = {k: row.get(k) for k in ("image_id", "uri", "etag")}
     out.update(size_bytes=row.get("size"), width=None, height=None, format=None, error=None, scale=None,
@@ -43,12 +56,9 @@ def _decode_one(row: dict, data: bytes | None, fetch_error: str | None, max_pixe
         out.update(status="ok", width=plan.width, height=plan.height, format="JPEG", encoded=data,
                    decode_s=time.perf_counter() - t0)
         return out
-    try:
-        img = decode_image(data, max_pixels=max_pixels, max_side=max_side)
-    except DecodeError as exc:
-        out.update(status=exc.status, error=exc.message)
-    except Exception as exc:  # a decoder bug must cost one row, never the run
-        out.update(status="corrupt", error=f"decoder failed: {type(exc).__name__}: {exc}")
+    img, status, message = _decode_or_error(data, max_pixels, max_side)
+    if img is None:
+        out.update(status=status, error=message)
     else:
         rgb = np.ascontiguousarray(img.rgb)
         out.update(status="ok", width=img.width, height=img.height, format=img.format, scale=float(img.scale),
@@ -134,10 +144,8 @@ def batch_images(batch: pa.Table, status: list, errors: list, *, max_pixels: int
 
     Returns (ok row indices, images, scales, rows that failed here); ``status`` and ``errors``
     are updated in place for the rows that failed."""
-    from .decode import DecodeError, decode_image
-
     n = batch.num_rows
-    encoded = batch.column("encoded").to_pylist() if "encoded" in batch.column_names else [None] * n
+    encoded = batch.column("encoded").to_pylist()
     in_place = [i for i in range(n) if status[i] == "ok" and encoded[i] is None]
     passed_on = [i for i in range(n) if status[i] == "ok" and encoded[i] is not None]
     scale_column = batch.column("scale").to_pylist()
@@ -150,16 +158,12 @@ def batch_images(batch: pa.Table, status: list, errors: list, *, max_pixels: int
         widths = batch.column("width").to_pylist()
         for i, data, image in zip(passed_on, files, on_device):
             if image is None:
-                try:
-                    image = decode_image(data, max_pixels=max_pixels, max_side=max_side).rgb
-                except DecodeError as exc:
-                    status[i], errors[i] = exc.status, exc.message
+                decoded, bad_status, message = _decode_or_error(data, max_pixels, max_side)
+                if decoded is None:
+                    status[i], errors[i] = bad_status, message
                     failed.append(i)
                     continue
-                except Exception as exc:  # a decoder bug must cost one row, never the run
-                    status[i], errors[i] = "corrupt", f"decoder failed: {type(exc).__name__}: {exc}"
-                    failed.append(i)
-                    continue
+                image = decoded.rgb
             images[i] = image
             scales[i] = widths[i] / int(image.shape[1])
     ok_idx = np.array(sorted(images), np.int64)

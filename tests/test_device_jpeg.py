@@ -19,19 +19,10 @@ import torch
 from PIL import Image
 
 from facebatch.decode import JpegPlan, _apply_orientation, decode_image, plan_jpeg
-from facebatch.device_jpeg import DeviceJpegDecoder, NvJpegUnavailable, nvjpeg_batch_decoder, orient
+from facebatch.device_jpeg import (DeviceJpegDecoder, NvJpegUnavailable, nvjpeg_batch_decoder,
+                                   opencv_batch_decode, orient)
 from facebatch.reading import batch_images, fetch_and_decode
 from test_decode import encode, exif_with_orientation, noise_image
-
-
-def libjpeg_batch_decode(files):
-    """libjpeg (OpenCV) behind nvJPEG's interface: stored orientation, full size, 3xHxW; None
-    for a file it cannot read."""
-    out = []
-    for data in files:
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
-        out.append(None if arr is None else torch.from_numpy(arr).permute(2, 0, 1))
-    return out
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -44,7 +35,7 @@ def test_orientation_is_the_cpu_decoders(orientation):
 def test_full_size_decode_gives_the_cpu_decoders_array(orientation):
     data = encode(noise_image(64, 48), "JPEG", quality=90, exif=exif_with_orientation(orientation))
     want = decode_image(data)
-    got = DeviceJpegDecoder(libjpeg_batch_decode).decode([data])[0]
+    got = DeviceJpegDecoder(opencv_batch_decode).decode([data])[0]
     assert got.is_contiguous()
     np.testing.assert_array_equal(got.numpy(), want.rgb)
 
@@ -55,7 +46,7 @@ def test_reduction_has_the_dct_scaled_size_and_nearly_its_pixels(astronaut_rgb):
     data = encode(Image.fromarray(big), "JPEG", quality=92, exif=exif_with_orientation(6))
     want = decode_image(data, max_side=300)
     assert plan_jpeg(data, max_side=300).factor == 4
-    got = DeviceJpegDecoder(libjpeg_batch_decode, max_side=300).decode([data])[0].numpy()
+    got = DeviceJpegDecoder(opencv_batch_decode, max_side=300).decode([data])[0].numpy()
     assert got.shape == want.rgb.shape == (384, 256, 3)
     # A box average is not libjpeg's scaled IDCT: measured on the shared corpus, 0.27 grey
     # levels apart on average (at most 0.58 for one photo).
@@ -90,12 +81,12 @@ def test_reduction_in_strips_and_decoding_in_bounded_calls(monkeypatch, astronau
 
     files = [encode(Image.fromarray(np.ascontiguousarray(astronaut_rgb[: 500 - 37 * k])), "JPEG", quality=90)
              for k in range(3)]
-    whole = DeviceJpegDecoder(libjpeg_batch_decode, max_side=100).decode(files)
+    whole = DeviceJpegDecoder(opencv_batch_decode, max_side=100).decode(files)
     calls = []
 
     def counting(batch):
         calls.append(len(batch))
-        return libjpeg_batch_decode(batch)
+        return opencv_batch_decode(batch)
 
     monkeypatch.setattr(device_jpeg, "_REDUCE_ROWS", 16)
     bounded = DeviceJpegDecoder(counting, max_side=100, call_bytes=512 * 512 * 3).decode(files)
@@ -171,7 +162,7 @@ def test_actor_rows_equal_the_cpu_decoders(photo_files, device_decoder):
         return actor(batch)
 
     plain = run(_read(photo_files, False), None)
-    decoder = DeviceJpegDecoder(libjpeg_batch_decode, max_side=2048) if device_decoder else None
+    decoder = DeviceJpegDecoder(opencv_batch_decode, max_side=2048) if device_decoder else None
     passed = run(_read(photo_files, True), decoder)
     assert "encoded" not in passed.column_names and "pixels" not in passed.column_names
     for column in ("image_id", "status", "error", "width", "height", "format", "num_faces"):

@@ -381,14 +381,22 @@ class _IntegralImages:
             # Reused between calls: a fresh buffer of this size costs page faults every batch.
             flat = workspace.get("integral", int(sum(sizes)), torch.int32, device)
             flat_np = flat.numpy()
-            for im, offset, size in zip(images, self.offsets, sizes):
-                h, w = im.shape[:2]
-                if isinstance(im, torch.Tensor):  # a CPU tensor the caller staged
-                    im = im.numpy()
-                cv2.integral(im, sum=flat_np[offset : offset + size].reshape(h + 1, w + 1, 3), sdepth=cv2.CV_32S)
+
+            def integrate(first: int, stop: int) -> None:
+                for im, offset, size in zip(images[first:stop], self.offsets[first:stop], sizes[first:stop]):
+                    h, w = im.shape[:2]
+                    if isinstance(im, torch.Tensor):  # a CPU tensor the caller staged
+                        im = im.numpy()
+                    cv2.integral(im, sum=flat_np[offset : offset + size].reshape(h + 1, w + 1, 3), sdepth=cv2.CV_32S)
+
+            # cv2.integral is single-threaded and releases the GIL: images split over torch's threads.
+            from .area_kernels import split
+
+            split(integrate, len(images), int(sum(sizes)) // max(1, len(images)))
         self.flat = flat
         self.device = device
         self.workspace = workspace
+        self.on_device = on_device
 
     def image_view(self, i: int) -> torch.Tensor:
         h, w = self.shapes[i]
@@ -433,11 +441,30 @@ class _IntegralImages:
             torch.sub(avg, _NORM_MEAN, out=avg)
             torch.mul(avg, _NORM_SCALE, out=out[r0 : r0 + m])
 
+    def sample_grid_host(self, i: int, bins: tuple, out: torch.Tensor, out_base: int, out_row_stride: int) -> None:
+        """`sample_grid` for integrals on the host (not ``on_device``), with the compiled
+        loop of `area_kernels`: the same numbers in one pass. bins: the piece's host arrays
+        (rs, re, cs, ce, kh, kw), see `_PNetTables.host_bins`; out: the contiguous canvas
+        batch, written from flat position out_base with rows out_row_stride values apart."""
+        from .area_kernels import area_grid, split
+
+        split(area_grid, len(bins[0]), 3 * len(bins[2]), self.flat.numpy(), int(self.offsets[i]),
+              int(self.row_strides[i]), *bins, out.view(-1).numpy(), out_base, out_row_stride)
+
     def sample_boxes(self, image_ids, rs, re, cs, ce) -> torch.Tensor:
         """Area means over per-item bins: rs/re (N, R), cs/ce (N, C) int64 -> (N, R, C, 3)
         float32, normalised. One gather of the four corners of every bin of every item
-        (used for the R-/O-Net crops of all images at once)."""
+        (used for the R-/O-Net crops of all images at once); on the host, one compiled loop
+        (`area_kernels.area_boxes`), the same numbers."""
         dev = self.device
+        if not self.on_device:
+            from .area_kernels import area_boxes, split
+
+            n, n_r, n_c = rs.shape[0], rs.shape[1], cs.shape[1]
+            out = torch.empty((n, n_r, n_c, 3), dtype=torch.float32)
+            split(area_boxes, n, n_r * n_c * 3, self.flat.numpy(), self.offsets, self.row_strides,
+                  *(np.ascontiguousarray(t.numpy()) for t in (image_ids, rs, re, cs, ce)), out.numpy())
+            return out
         n, n_r, n_c = rs.shape[0], rs.shape[1], cs.shape[1]
         stride = self.row_strides_t[image_ids][:, None]
         base = self.offsets_t[image_ids][:, None]
@@ -1140,13 +1167,18 @@ class MTCNNDetector:
                 batch = self._workspace.get(f"canvas{hc}x{wc}", len(group) * hc * wc * 3, torch.float32, dev)
                 batch = batch.view(len(group), hc, wc, 3)
                 batch.zero_()
+            canvas_values = hc * wc * 3
             for k, c in enumerate(group):
                 for p in piece_ids_by_canvas[c]:
                     p = int(p)
                     y, x = int(pieces.y[p]), int(pieces.x[p])
-                    h, w = int(pieces.height[p]), int(pieces.width[p])
-                    integral.sample_grid(int(levels["image"][pieces.level[p]]), tables.bins[p],
-                                         batch[k, y : y + h, x : x + w], chunk_elems)
+                    image = int(levels["image"][pieces.level[p]])
+                    if integral.on_device:
+                        h, w = int(pieces.height[p]), int(pieces.width[p])
+                        integral.sample_grid(image, tables.bins[p], batch[k, y : y + h, x : x + w], chunk_elems)
+                    else:
+                        integral.sample_grid_host(image, tables.host_bins[p], batch,
+                                                  k * canvas_values + (y * wc + x) * 3, wc * 3)
             fix_rows, fix_cols = tables.window_fixes(group, hc, wc)
             self._mark("pyramid")
             with torch.autocast("cuda", enabled=self.autocast):
@@ -1261,6 +1293,8 @@ class _PNetTables:
     def __init__(self, image_shapes, levels: dict, pieces: "_Pieces", shapes, piece_ids_by_canvas, device,
                  uploads: UploadCounter | None):
         rs_parts, re_parts, col_parts, kh_parts, kw_parts, spans = [], [], [], [], [], []
+        # The same bins on the host, per piece, for the CPU's compiled sampler (area_kernels).
+        self.host_bins: list[tuple[np.ndarray, ...]] = []
         level_bins: dict[int, tuple] = {}
         row_at = col_at = 0
         for p in range(len(pieces.level)):
@@ -1278,6 +1312,7 @@ class _PNetTables:
             col_parts.append(np.concatenate([cs, ce]) - c_lo)
             kh_parts.append((re - rs).astype(np.float32))
             kw_parts.append((ce - cs).astype(np.float32))
+            self.host_bins.append((rs, re, cs, ce, kh_parts[-1], kw_parts[-1]))
             spans.append((row_at, col_at, h, w, c_lo, c_hi))
             row_at, col_at = row_at + h, col_at + w
         # Partial ceil-mode pool windows: flat pooled-grid indices within each canvas (the

@@ -369,3 +369,57 @@ def test_integral_wraps_exactly_like_cv2():
     assert torch.equal(torched, view)
     rect = view[2900, 2950] - view[100, 2950] - view[2900, 40] + view[100, 40]
     assert int(rect[0]) == 255 * 2800 * 2910
+
+
+def test_host_area_kernels_equal_the_torch_expressions_bit_for_bit():
+    """The CPU's compiled samplers (facebatch.area_kernels) write the same float32 bits as
+    the torch expressions the device path runs (forced on the CPU here): pyramid pieces at
+    offsets inside a canvas, R-/O-Net crops, on random photos-like noise and on a white image
+    whose integral wraps past 2**31."""
+    from facebatch.detector import _bins, _bins_np, _GridBins, _IntegralImages, _Workspace
+
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((97, 130), (480, 361), (64, 64))]
+    images.append(np.full((3000, 3000, 3), 255, np.uint8))
+    cpu = torch.device("cpu")
+    host = _IntegralImages(images, cpu, _Workspace())
+    device_path = _IntegralImages(images, cpu, _Workspace(), on_device=True)
+    assert not host.on_device and device_path.on_device
+    assert torch.equal(host.flat, device_path.flat)
+
+    for i, im in enumerate(images):
+        h, w = im.shape[:2]
+        for scale in (0.6, 0.6 * 0.709**3, 0.05):
+            lh, lw = int(h * scale + 1), int(w * scale + 1)
+            rs, re = _bins_np(h, lh)
+            cs, ce = _bins_np(w, lw)
+            # A piece: rows / columns from an offset into the level, as the canvas tiling cuts them.
+            r0, c0 = lh // 3, lw // 4
+            rs, re, cs, ce = rs[r0:], re[r0:], cs[c0:], ce[c0:]
+            kh, kw = (re - rs).astype(np.float32), (ce - cs).astype(np.float32)
+            c_lo, c_hi = int(cs[0]), int(ce[-1]) + 1
+            bins = _GridBins(len(rs), len(cs), c_lo, c_hi, torch.from_numpy(rs), torch.from_numpy(re),
+                             torch.from_numpy(np.concatenate([cs, ce]) - c_lo), torch.from_numpy(kh),
+                             torch.from_numpy(kw))
+            canvas_h, canvas_w, y, x = len(rs) + 5, len(cs) + 7, 3, 4
+            expected = torch.full((2, canvas_h, canvas_w, 3), 9.0)
+            device_path.sample_grid(i, bins, expected[1, y : y + len(rs), x : x + len(cs)], chunk_elems=1 << 12)
+            got = torch.full((2, canvas_h, canvas_w, 3), 9.0)
+            host.sample_grid_host(i, (rs, re, cs, ce, kh, kw), got, (canvas_h * canvas_w + y * canvas_w + x) * 3,
+                                  canvas_w * 3)
+            assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), (i, scale)
+
+    n = 300
+    ids = torch.from_numpy(rng.integers(0, len(images), n))
+    heights = torch.tensor([im.shape[0] for im in images])[ids]
+    widths = torch.tensor([im.shape[1] for im in images])[ids]
+    y0 = (torch.from_numpy(rng.random(n)) * heights * 0.5).long()
+    x0 = (torch.from_numpy(rng.random(n)) * widths * 0.5).long()
+    side = torch.minimum(torch.from_numpy(rng.integers(1, 3000, n)), torch.minimum(heights - y0, widths - x0))
+    for size in (24, 48):
+        rs, re = _bins(y0, side, size, cpu)
+        cs, ce = _bins(x0, side, size, cpu)
+        expected = device_path.sample_boxes(ids, rs, re, cs, ce)
+        got = host.sample_boxes(ids, rs, re, cs, ce)
+        assert got.shape == expected.shape == (n, size, size, 3)
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32))

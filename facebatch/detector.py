@@ -637,8 +637,12 @@ class _FastPNet(nn.Module):
     conv1 is evaluated at the four positions of each pooling window at once, as one stride-2
     4x4 conv with 40 output channels (group g = 2*dy + dx); PReLU runs on those channels and
     the pool is the max over the four groups. This avoids materialising and pooling the
-    full-resolution conv1 output. The 1x1 heads run as one matrix product on the
-    channels-last features.
+    full-resolution conv1 output. The two 1x1 heads run as one 1x1 conv with 6 output
+    channels (oneDNN runs it ~3x faster than the equivalent matrix product on the
+    channels-last features, whose 6 output columns suit GEMM kernels badly).
+
+    All weights are stored channels-last like the activations: the same numbers, and the
+    convs measured a little faster with matching formats.
     """
 
     def __init__(self, pnet: PNet):
@@ -648,18 +652,19 @@ class _FastPNet(nn.Module):
         for dy in range(2):
             for dx in range(2):
                 fused[2 * dy + dx, :, :, dy : dy + 3, dx : dx + 3] = w1
-        self.register_buffer("w1", fused.reshape(40, 3, 4, 4))
+        cl = torch.channels_last
+        self.register_buffer("w1", fused.reshape(40, 3, 4, 4).contiguous(memory_format=cl))
         self.register_buffer("b1", b1.repeat(4))
         self.register_buffer("a1", pnet.prelu1.weight.detach().repeat(4))
-        self.register_buffer("w2", pnet.conv2.weight.detach().clone())
+        self.register_buffer("w2", pnet.conv2.weight.detach().contiguous(memory_format=cl).clone())
         self.register_buffer("b2", pnet.conv2.bias.detach().clone())
         self.register_buffer("a2", pnet.prelu2.weight.detach().clone())
-        self.register_buffer("w3", pnet.conv3.weight.detach().clone())
+        self.register_buffer("w3", pnet.conv3.weight.detach().contiguous(memory_format=cl).clone())
         self.register_buffer("b3", pnet.conv3.bias.detach().clone())
         self.register_buffer("a3", pnet.prelu3.weight.detach().clone())
-        # Both heads as one (32 -> 6) matrix: columns 0-1 face logits, 2-5 box regression.
-        heads = torch.cat([pnet.conv4_1.weight, pnet.conv4_2.weight]).detach().reshape(6, 32)
-        self.register_buffer("wh", heads.t().contiguous())
+        # Both heads as one 32 -> 6 1x1 conv: channels 0-1 face logits, 2-5 box regression.
+        heads = torch.cat([pnet.conv4_1.weight, pnet.conv4_2.weight]).detach()
+        self.register_buffer("wh", heads.contiguous(memory_format=cl).clone())
         self.register_buffer("bh", torch.cat([pnet.conv4_1.bias, pnet.conv4_2.bias]).detach())
 
     def forward(self, x, fix_rows=None, fix_cols=None):
@@ -694,10 +699,10 @@ class _FastPNet(nn.Module):
         del pooled
         y = F.prelu(F.conv2d(y, self.w2, self.b2), self.a2)
         y = F.prelu(F.conv2d(y, self.w3, self.b3), self.a3)
-        _, c, h, w = y.shape
-        features = y.permute(0, 2, 3, 1).reshape(k * h * w, c)
+        head = F.conv2d(y, self.wh, self.bh)
         del y
-        return torch.addmm(self.bh, features, self.wh).view(k, h, w, 6)
+        # channels-last memory: (K, h, w, 6) is a view, not a copy.
+        return head.permute(0, 2, 3, 1)
 
 
 @dataclass

@@ -15,34 +15,31 @@ check: the corner differences wrap around in int32 exactly like the int32 tensor
 ``(mean - 127.5) * 0.0078125``, each step rounded to float32 as torch rounds it (no
 fast-math, so nothing is contracted or reordered).
 
-The loops release the GIL, and `split` runs one over row ranges on as many threads as torch
-uses (torch's threads are idle meanwhile). Compiled code is cached next to this file (or in
-NUMBA_CACHE_DIR) so a worker pays the compilation once per machine, not once per process.
+They run on the calling thread: split over two threads they measured no faster on 2 cores
+(torch's OpenMP threads still spin on the second core after each convolution). Compiled code
+is cached next to this file (or in NUMBA_CACHE_DIR), so a worker pays the compilation once
+per machine, not once per process.
 """
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import numba
 import numpy as np
-import torch
 
 _MEAN = np.float32(127.5)
 _SCALE = np.float32(0.0078125)
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def area_grid(flat, base, row_stride, rs, re, cs, ce, kh, kw, out, out_base, out_row_stride, first, stop):
+def area_grid(flat, base, row_stride, rs, re, cs, ce, kh, kw, out, out_base, out_row_stride):
     """Normalised area means of one image over a grid of bins, into a piece of a canvas.
 
     flat: integrals (int32, rows of ``row_stride`` values, 3 per pixel), the image's starting
     at ``base``; bins: rows [rs[i], re[i]) x columns [cs[j], ce[j]) of the image (int64),
     their heights / widths kh / kw as float32; out: flat float32 (H, W, 3) canvases, the
     piece's first value at ``out_base``, its rows ``out_row_stride`` apart. Everything is
-    passed flat so that one compiled signature serves every piece. Writes rows [first, stop)."""
-    for i in range(first, stop):
+    passed flat so that one compiled signature serves every piece."""
+    for i in range(rs.shape[0]):
         top = base + rs[i] * row_stride
         bottom = base + re[i] * row_stride
         rows = kh[i]
@@ -61,14 +58,13 @@ def area_grid(flat, base, row_stride, rs, re, cs, ce, kh, kw, out, out_base, out
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def area_boxes(flat, offsets, row_strides, image_ids, rs, re, cs, ce, out, first, stop):
+def area_boxes(flat, offsets, row_strides, image_ids, rs, re, cs, ce, out):
     """Normalised area means over per-item bins (the R-/O-Net crops).
 
     flat: every image's integral, concatenated (int32); offsets / row_strides: where image k
     starts in it and its row stride (int64); item n reads image image_ids[n] over rows
-    [rs[n, i], re[n, i]) x columns [cs[n, j], ce[n, j]); out: (N, R, C, 3) float32. Writes
-    items [first, stop)."""
-    for n in range(first, stop):
+    [rs[n, i], re[n, i]) x columns [cs[n, j], ce[n, j]); out: (N, R, C, 3) float32."""
+    for n in range(image_ids.shape[0]):
         k = image_ids[n]
         base, stride = offsets[k], row_strides[k]
         for i in range(rs.shape[1]):
@@ -87,27 +83,3 @@ def area_boxes(flat, offsets, row_strides, image_ids, rs, re, cs, ce, out, first
                     mean = mean / cols
                     out[n, i, j, ch] = (mean - _MEAN) * _SCALE
 
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-# Below this many output values a second thread costs more than it saves.
-_MIN_SPLIT = 1 << 15
-
-
-def split(kernel, n: int, values_per_item: int, *args) -> None:
-    """kernel(*args, first, stop) over [0, n), in torch.get_num_threads() contiguous ranges
-    (one on the calling thread)."""
-    global _pool
-    parts = max(1, min(torch.get_num_threads(), n, n * values_per_item // _MIN_SPLIT))
-    if parts == 1:
-        kernel(*args, 0, n)
-        return
-    with _pool_lock:
-        if _pool is None or _pool._max_workers < parts - 1:
-            _pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="facebatch-area")
-        pool = _pool
-    bounds = [n * k // parts for k in range(parts + 1)]
-    futures = [pool.submit(kernel, *args, bounds[k], bounds[k + 1]) for k in range(1, parts)]
-    kernel(*args, bounds[0], bounds[1])
-    for future in futures:
-        future.result()

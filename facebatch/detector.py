@@ -382,17 +382,11 @@ class _IntegralImages:
             flat = workspace.get("integral", int(sum(sizes)), torch.int32, device)
             flat_np = flat.numpy()
 
-            def integrate(first: int, stop: int) -> None:
-                for im, offset, size in zip(images[first:stop], self.offsets[first:stop], sizes[first:stop]):
-                    h, w = im.shape[:2]
-                    if isinstance(im, torch.Tensor):  # a CPU tensor the caller staged
-                        im = im.numpy()
-                    cv2.integral(im, sum=flat_np[offset : offset + size].reshape(h + 1, w + 1, 3), sdepth=cv2.CV_32S)
-
-            # cv2.integral is single-threaded and releases the GIL: images split over torch's threads.
-            from .area_kernels import split
-
-            split(integrate, len(images), int(sum(sizes)) // max(1, len(images)))
+            for im, offset, size in zip(images, self.offsets, sizes):
+                h, w = im.shape[:2]
+                if isinstance(im, torch.Tensor):  # a CPU tensor the caller staged
+                    im = im.numpy()
+                cv2.integral(im, sum=flat_np[offset : offset + size].reshape(h + 1, w + 1, 3), sdepth=cv2.CV_32S)
         self.flat = flat
         self.device = device
         self.workspace = workspace
@@ -446,10 +440,10 @@ class _IntegralImages:
         loop of `area_kernels`: the same numbers in one pass. bins: the piece's host arrays
         (rs, re, cs, ce, kh, kw), see `_PNetTables.host_bins`; out: the contiguous canvas
         batch, written from flat position out_base with rows out_row_stride values apart."""
-        from .area_kernels import area_grid, split
+        from .area_kernels import area_grid
 
-        split(area_grid, len(bins[0]), 3 * len(bins[2]), self.flat.numpy(), int(self.offsets[i]),
-              int(self.row_strides[i]), *bins, out.view(-1).numpy(), out_base, out_row_stride)
+        area_grid(self.flat.numpy(), int(self.offsets[i]), int(self.row_strides[i]), *bins, out.view(-1).numpy(),
+                  out_base, out_row_stride)
 
     def sample_boxes(self, image_ids, rs, re, cs, ce) -> torch.Tensor:
         """Area means over per-item bins: rs/re (N, R), cs/ce (N, C) int64 -> (N, R, C, 3)
@@ -458,12 +452,12 @@ class _IntegralImages:
         (`area_kernels.area_boxes`), the same numbers."""
         dev = self.device
         if not self.on_device:
-            from .area_kernels import area_boxes, split
+            from .area_kernels import area_boxes
 
             n, n_r, n_c = rs.shape[0], rs.shape[1], cs.shape[1]
             out = torch.empty((n, n_r, n_c, 3), dtype=torch.float32)
-            split(area_boxes, n, n_r * n_c * 3, self.flat.numpy(), self.offsets, self.row_strides,
-                  *(np.ascontiguousarray(t.numpy()) for t in (image_ids, rs, re, cs, ce)), out.numpy())
+            area_boxes(self.flat.numpy(), self.offsets, self.row_strides,
+                       *(np.ascontiguousarray(t.numpy()) for t in (image_ids, rs, re, cs, ce)), out.numpy())
             return out
         n, n_r, n_c = rs.shape[0], rs.shape[1], cs.shape[1]
         stride = self.row_strides_t[image_ids][:, None]

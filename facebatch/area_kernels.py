@@ -30,6 +30,17 @@ _MEAN = np.float32(127.5)
 _SCALE = np.float32(0.0078125)
 
 
+@numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _bin_mean(flat, top, bottom, left, right, rows, cols):
+    """The normalised mean of one bin and channel: top / bottom are the flat positions of the
+    channel's value in the integral rows above and at the bin's end, left / right the column
+    offsets (3 per pixel), rows / cols the bin's size as float32."""
+    total = np.int32(flat[bottom + right] - flat[top + right] - flat[bottom + left] + flat[top + left])
+    mean = np.float32(total) / rows
+    mean = mean / cols
+    return (mean - _MEAN) * _SCALE
+
+
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def area_grid(flat, base, row_stride, rs, re, cs, ce, kh, kw, out, out_base, out_row_stride):
     """Normalised area means of one image over a grid of bins, into a piece of a canvas.
@@ -48,13 +59,7 @@ def area_grid(flat, base, row_stride, rs, re, cs, ce, kh, kw, out, out_base, out
             left, right = cs[j] * 3, ce[j] * 3
             cols = kw[j]
             for ch in range(3):
-                total = np.int32(
-                    flat[bottom + right + ch] - flat[top + right + ch]
-                    - flat[bottom + left + ch] + flat[top + left + ch]
-                )
-                mean = np.float32(total) / rows
-                mean = mean / cols
-                out[at + 3 * j + ch] = (mean - _MEAN) * _SCALE
+                out[at + 3 * j + ch] = _bin_mean(flat, top + ch, bottom + ch, left, right, rows, cols)
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -75,11 +80,5 @@ def area_boxes(flat, offsets, row_strides, image_ids, rs, re, cs, ce, out):
                 left, right = cs[n, j] * 3, ce[n, j] * 3
                 cols = np.float32(ce[n, j] - cs[n, j])
                 for ch in range(3):
-                    total = np.int32(
-                        flat[bottom + right + ch] - flat[top + right + ch]
-                        - flat[bottom + left + ch] + flat[top + left + ch]
-                    )
-                    mean = np.float32(total) / rows
-                    mean = mean / cols
-                    out[n, i, j, ch] = (mean - _MEAN) * _SCALE
+                    out[n, i, j, ch] = _bin_mean(flat, top + ch, bottom + ch, left, right, rows, cols)
 

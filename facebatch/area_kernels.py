@@ -17,8 +17,8 @@ fast-math, so nothing is contracted or reordered).
 
 They run on the calling thread: split over two threads they measured no faster on 2 cores
 (torch's OpenMP threads still spin on the second core after each convolution). Compiled code
-is cached next to this file (or in NUMBA_CACHE_DIR), so a worker pays the compilation once
-per machine, not once per process.
+is cached next to this file (or in NUMBA_CACHE_DIR, or the user's cache directory), so a worker
+pays the compilation once per machine, not once per process; see `_jit` for read-only installs.
 """
 
 from __future__ import annotations
@@ -30,7 +30,23 @@ _MEAN = np.float32(127.5)
 _SCALE = np.float32(0.0078125)
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _jit(**options):
+    """numba.njit with its on-disk cache where a cache directory can be written. Where none can
+    (a read-only install without a writable HOME or NUMBA_CACHE_DIR), numba refuses ``cache=True``
+    when the module is imported; the loops are then compiled once per process instead."""
+
+    def wrap(function):
+        try:
+            return numba.njit(cache=True, **options)(function)
+        except RuntimeError as exc:
+            if "no locator available" not in str(exc):
+                raise
+            return numba.njit(**options)(function)
+
+    return wrap
+
+
+@_jit(nogil=True, boundscheck=False, inline="always")
 def _bin_mean(flat, top, bottom, left, right, rows, cols):
     """The normalised mean of one bin and channel: top / bottom are the flat positions of the
     channel's value in the integral rows above and at the bin's end, left / right the column
@@ -41,7 +57,7 @@ def _bin_mean(flat, top, bottom, left, right, rows, cols):
     return (mean - _MEAN) * _SCALE
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+@_jit(nogil=True, boundscheck=False)
 def area_grid(flat, base, row_stride, rs, re, cs, ce, kh, kw, out, out_base, out_row_stride):
     """Normalised area means of one image over a grid of bins, into a piece of a canvas.
 
@@ -62,7 +78,7 @@ def area_grid(flat, base, row_stride, rs, re, cs, ce, kh, kw, out, out_base, out
                 out[at + 3 * j + ch] = _bin_mean(flat, top + ch, bottom + ch, left, right, rows, cols)
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+@_jit(nogil=True, boundscheck=False)
 def area_boxes(flat, offsets, row_strides, image_ids, rs, re, cs, ce, out):
     """Normalised area means over per-item bins (the R-/O-Net crops).
 

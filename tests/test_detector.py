@@ -423,3 +423,26 @@ def test_host_area_kernels_equal_the_torch_expressions_bit_for_bit():
         got = host.sample_boxes(ids, rs, re, cs, ce)
         assert got.shape == expected.shape == (n, size, size, 3)
         assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+
+
+def test_area_kernels_compile_where_no_cache_directory_can_be_written():
+    """A read-only install without a writable HOME or NUMBA_CACHE_DIR leaves numba no cache
+    locator (simulated with NUMBA_CACHE_LOCATOR_CLASSES naming one that never applies): the
+    detector still imports and runs, compiling its loops in the process."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from facebatch.detector import MTCNNDetector\n"
+        "rng = np.random.default_rng(0)\n"
+        "found = MTCNNDetector().detect([rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)])\n"
+        "import facebatch.area_kernels as k\n"
+        "print(len(found), k.area_grid._cache.__class__.__name__, len(k.area_boxes.signatures))\n"
+    )
+    env = dict(os.environ, NUMBA_CACHE_LOCATOR_CLASSES="ZipCacheLocator")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    count, cache_kind, box_signatures = result.stdout.split()
+    assert cache_kind == "NullCache" and int(box_signatures) == 1

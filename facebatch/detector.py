@@ -381,7 +381,6 @@ class _IntegralImages:
             # Reused between calls: a fresh buffer of this size costs page faults every batch.
             flat = workspace.get("integral", int(sum(sizes)), torch.int32, device)
             flat_np = flat.numpy()
-
             for im, offset, size in zip(images, self.offsets, sizes):
                 h, w = im.shape[:2]
                 if isinstance(im, torch.Tensor):  # a CPU tensor the caller staged
@@ -1170,7 +1169,9 @@ class MTCNNDetector:
             if dev.type == "cuda":
                 batch = torch.zeros((len(group), hc, wc, 3), dtype=torch.float32, device=dev)
             else:  # reused on the CPU: a fresh buffer costs page faults every call
-                batch = self._workspace.get(f"canvas{hc}x{wc}", len(group) * hc * wc * 3, torch.float32, dev)
+                # One buffer for every canvas shape (grow-only, viewed per shape): with canvases in
+                # 32-px steps a buffer per shape would keep up to 96 of them for the actor's life.
+                batch = self._workspace.get("canvas", len(group) * hc * wc * 3, torch.float32, dev)
                 batch = batch.view(len(group), hc, wc, 3)
                 batch.zero_()
             canvas_values = hc * wc * 3

@@ -17,15 +17,21 @@
                  thresholds 0.6/0.7/0.7, factor 0.709); facebatch MTCNNDetector at batch 1 and
                  32 (the same parameters, full resolution); the `facebatch detect` command
                  (whole process: start-up, reading and decoding the files included);
+     min face 40: facenet-pytorch and facebatch's detector (batch 32) both at min face 40, the
+                 setting that trades the faces under 40 px for about 3x less work (measured with
+                 recall and precision by bench/detector_tradeoffs.py);
      pipeline:   dlib's own pipeline as face_recognition runs it (HOG detector upsample 1,
                  5 landmarks, compute_face_descriptor for every face); facebatch FaceAnalyzer
-                 (detect + align + flip-averaged embed), batch 16.
+                 (detect + align + flip-averaged embed), batch 16, at min face 20 and at 40
+                 (dlib's HOG window is 80 px, so with its one upsampling it finds faces from
+                 about 40 px: the second row covers about the same face sizes).
    Each measurement loads its models (not timed), runs one warm-up pass over the first --warmup
    images, then the timed pass over all of them (--rounds N: every row N times, the rows
    interleaved, the fastest kept). CPU s is the process's CPU time over the timed pass, all
    threads (for the command: the whole process). The ratio is facenet-pytorch's seconds over
    the row's (detection rows) or dlib's pipeline's over the row's (pipeline rows): a ratio
-   within one run, which is what stays meaningful on a machine whose speed drifts.
+   within one run, which is what stays meaningful on a machine whose speed drifts; the min face 40
+   detection rows are against facenet-pytorch at min face 40.
 Prints one markdown table (and writes every number to --json).
 """
 
@@ -50,17 +56,25 @@ SETUP = HERE / "peers" / "setup.sh"
 SHARED = Path(os.environ.get("FACEBATCH_SHARED_DATA", REPO.parent / "shared" / "data"))
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif", ".avif"}
 
-# (key, group, label, worker task or None for the command, batch size, venv: "peers" | "facebatch")
+# (key, group, label, worker task or None for the command, batch size, venv: "peers" | "facebatch",
+#  MTCNN min face size)
 MEASUREMENTS = [
-    ("facenet", "detection", "facenet-pytorch 2.5.3 MTCNN, one image at a time", "facenet", 1, "peers"),
-    ("facebatch-detect-1", "detection", "facebatch detector, batch 1", "facebatch-detect", 1, "facebatch"),
-    ("facebatch-detect-32", "detection", "facebatch detector, batch 32", "facebatch-detect", 32, "facebatch"),
-    ("facebatch-command", "detection", "`facebatch detect` command, batch 32 (start-up + file decoding included)", None, 32, "facebatch"),
-    ("dlib", "pipeline", "dlib's own pipeline: HOG + 5 landmarks + descriptor", "dlib", 1, "peers"),
-    ("facebatch-pipeline", "pipeline", "facebatch bare models: detect + align + embed, batch 16", "facebatch-pipeline", 16, "facebatch"),
+    ("facenet", "detection", "facenet-pytorch 2.5.3 MTCNN, one image at a time", "facenet", 1, "peers", 20),
+    ("facebatch-detect-1", "detection", "facebatch detector, batch 1", "facebatch-detect", 1, "facebatch", 20),
+    ("facebatch-detect-32", "detection", "facebatch detector, batch 32", "facebatch-detect", 32, "facebatch", 20),
+    ("facebatch-command", "detection", "`facebatch detect` command, batch 32 (start-up + file decoding included)", None, 32,
+     "facebatch", 20),
+    ("facenet-40", "detection-40", "facenet-pytorch 2.5.3 MTCNN, min face 40", "facenet", 1, "peers", 40),
+    ("facebatch-detect-32-40", "detection-40", "facebatch detector, batch 32, min face 40", "facebatch-detect", 32,
+     "facebatch", 40),
+    ("dlib", "pipeline", "dlib's own pipeline: HOG + 5 landmarks + descriptor", "dlib", 1, "peers", None),
+    ("facebatch-pipeline", "pipeline", "facebatch bare models: detect + align + embed, batch 16", "facebatch-pipeline", 16,
+     "facebatch", 20),
+    ("facebatch-pipeline-40", "pipeline", "facebatch bare models, min face 40 (about dlib's HOG's smallest face)",
+     "facebatch-pipeline", 16, "facebatch", 40),
 ]
-BASELINES = {"detection": "facenet", "pipeline": "dlib"}
-BASELINE_NAMES = {"detection": "facenet-pytorch", "pipeline": "dlib"}
+BASELINES = {"detection": "facenet", "detection-40": "facenet-40", "pipeline": "dlib"}
+BASELINE_NAMES = {"detection": "facenet-pytorch", "detection-40": "facenet-pytorch at min face 40", "pipeline": "dlib"}
 
 
 def speedup(baseline_seconds: float | None, seconds: float | None) -> float | None:
@@ -147,9 +161,12 @@ def thread_env(threads: int, facebatch: bool) -> dict:
     return env
 
 
-def run_worker(python: Path, task: str, npz: Path, args, batch_size: int, facebatch: bool) -> dict:
+def run_worker(python: Path, task: str, npz: Path, args, batch_size: int, facebatch: bool,
+               min_face_size: int | None) -> dict:
     cmd = [str(python), str(WORKER), task, "--images", str(npz), "--threads", str(args.threads),
            "--warmup", str(args.warmup), "--batch-size", str(batch_size)]
+    if min_face_size is not None:
+        cmd += ["--min-face-size", str(min_face_size)]
     proc = subprocess.run(cmd, env=thread_env(args.threads, facebatch), capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
@@ -235,13 +252,13 @@ def main(argv: list[str] | None = None) -> None:
         for round_no in range(args.rounds):  # rounds interleave the rows, so drift hits them alike
             if args.rounds > 1:
                 print(f"round {round_no + 1} of {args.rounds}")
-            for key, group, label, task, batch_size, venv in chosen:
+            for key, group, label, task, batch_size, venv, min_face_size in chosen:
                 print(f"  {label} ...", end="", flush=True)
                 if task is None:
                     result = run_command(files, args, batch_size)
                 else:
                     result = run_worker(python if venv == "peers" else Path(sys.executable), task, npz, args, batch_size,
-                                        facebatch=venv == "facebatch")
+                                        facebatch=venv == "facebatch", min_face_size=min_face_size)
                 cpu = f", CPU {result['cpu_s']:.1f} s" if result.get("cpu_s") is not None else ""
                 print(f" {result['seconds']:.2f} s{cpu}, {result['faces']} faces, load {load_average()}", flush=True)
                 runs[key].append(result)
@@ -251,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     load_after = load_average()
 
     versions = {}  # name -> version; torch once per venv
-    for row, (_, _, _, _, _, venv) in zip(rows, [m for m in MEASUREMENTS if m[0] in {r["key"] for r in rows}]):
+    for row, (_, _, _, _, _, venv, _) in zip(rows, [m for m in MEASUREMENTS if m[0] in {r["key"] for r in rows}]):
         for name, value in row.get("versions", {}).items():
             versions[f"{name} ({venv} venv)" if name == "torch" else name] = value
     print()

@@ -66,6 +66,27 @@ def new_run_id() -> str:
 # --------------------------------------------------------------------------- inference (Ray actors)
 
 
+#: Up to this many input blocks a run's dataset is built from blocks in the driver's memory, whose
+#: metadata Ray Data computes there; above it, from object refs, whose metadata it reads with one
+#: remote task per block. Measured on 2 cores: 11 blocks 0.04 s against 1.69 s, 5,000 blocks 9.0 s
+#: against 31.0 s. The price is memory: every block is also a Python table (about 2 KB) in the
+#: driver until the dataset exists, about 100 MB at this limit with 16-row blocks.
+LOCAL_BLOCKS_MAX = 20_000
+
+
+def input_dataset(plan, rows: int, first_rows: int):
+    """The plan's objects as a Ray dataset of `rows`-row blocks (the first one `first_rows`), in
+    plan order: one block per inference batch (see _run_index)."""
+    import ray
+    import ray.data
+
+    batches = plan.batches(rows=rows, first_rows=first_rows)
+    from_blocks = getattr(ray.data, "from_blocks", None)  # a DeveloperAPI, not in every Ray 2.x
+    if from_blocks is not None and plan.num_todo <= LOCAL_BLOCKS_MAX * rows:
+        return from_blocks([pa.Table.from_batches([b]) for b in batches])
+    return ray.data.from_arrow_refs([ray.put(pa.Table.from_batches([b])) for b in batches])
+
+
 class FaceModelActor:
     """Holds the models on one device; each call analyses a whole batch of decoded images.
 
@@ -381,9 +402,7 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
         # hold every result back until the block is done.
         # The first block is a quarter batch: its results come back after a few images, which is
         # when a user (and a nightly's log) first sees the run working.
-        refs = [ray.put(pa.Table.from_batches([b]))
-                for b in plan.batches(rows=sizing["batch_size"], first_rows=max(1, sizing["batch_size"] // 4))]
-        ds = ray.data.from_arrow_refs(refs)
+        ds = input_dataset(plan, rows=sizing["batch_size"], first_rows=max(1, sizing["batch_size"] // 4))
         decode_kwargs = {"retries": config.fetch_retries, "endpoint": endpoint, "max_pixels": config.max_pixels,
                          "max_side": config.max_side, "jpeg_passthrough": config.gpu_jpeg_decode}
         if not sizing["decode_in_actor"]:

@@ -18,7 +18,7 @@
                  32 (the same parameters, full resolution); the `facebatch detect` command
                  (whole process: start-up, reading and decoding the files included);
      min face 40: facenet-pytorch and facebatch's detector (batch 32) both at min face 40, the
-                 setting that trades the faces under 40 px for about 3x less work (measured with
+                 setting that trades the faces under 40 px for about 2.5x less time (measured with
                  recall and precision by bench/detector_tradeoffs.py);
      pipeline:   dlib's own pipeline as face_recognition runs it (HOG detector upsample 1,
                  5 landmarks, compute_face_descriptor for every face); facebatch FaceAnalyzer

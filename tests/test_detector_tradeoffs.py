@@ -27,8 +27,11 @@ def test_faces_outside_a_subset_are_neither_misses_nor_false_positives():
     assert (faces, recall, precision) == (2, 1.0, 2 / 4)
 
 
-def test_a_missed_face_in_the_subset_lowers_recall():
-    gts = [np.array([[0, 0, 100, 100], [300, 300, 360, 360]], float)]
+def test_a_missed_face_lowers_recall_only_in_a_subset_that_holds_it():
+    # A 60-px face and a 20-px face are missed.
+    gts = [np.array([[0, 0, 100, 100], [300, 300, 360, 360], [500, 500, 520, 520]], float)]
     dets = [np.array([[0, 0, 100, 100]], float)]
-    recall, precision, faces = score(dets, gts, [np.zeros(2, bool)], _at_least_40, 0.4)
+    recall, precision, faces = score(dets, gts, [np.zeros(3, bool)], _at_least_40, 0.4)
     assert (faces, recall, precision) == (2, 0.5, 1.0)
+    recall, precision, faces = score(dets, gts, [np.zeros(3, bool)], lambda g: np.ones(len(g), bool), 0.4)
+    assert (faces, recall, precision) == (3, 1 / 3, 1.0)

@@ -51,6 +51,11 @@ def timed(run, images: list[np.ndarray]) -> tuple[float, float, int]:
     return time.perf_counter() - t0, time.process_time() - c0, faces
 
 
+def _min_face(args) -> dict:
+    """--min-face-size as a keyword argument, or none (the library's default) where not given."""
+    return {} if args.min_face_size is None else {"min_face_size": args.min_face_size}
+
+
 def task_facenet(args) -> tuple:
     import torch
     from facenet_pytorch import MTCNN
@@ -58,7 +63,7 @@ def task_facenet(args) -> tuple:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     # library defaults ([0.6, 0.7, 0.7], 0.709) but for --min-face-size (its default is 20 too)
-    mtcnn = MTCNN(device="cpu", keep_all=True, min_face_size=args.min_face_size)
+    mtcnn = MTCNN(device="cpu", keep_all=True, **_min_face(args))
     load_s = time.perf_counter() - t0
 
     def run(images):
@@ -117,7 +122,7 @@ def task_facebatch_detect(args) -> tuple:
 
     t0 = time.perf_counter()
     # defaults 0.6/0.7/0.7, 0.709, min face --min-face-size; full resolution
-    detector = MTCNNDetector(device="cpu", max_pixels=None, min_face_size=args.min_face_size)
+    detector = MTCNNDetector(device="cpu", max_pixels=None, **_min_face(args))
     load_s = time.perf_counter() - t0
     bs = args.batch_size
 
@@ -137,7 +142,7 @@ def task_facebatch_pipeline(args) -> tuple:
 
     t0 = time.perf_counter()
     # detector defaults but min face --min-face-size, alignment, flip-averaged embedder
-    analyzer = FaceAnalyzer(device="cpu", detector_params=DetectorParams(min_face_size=args.min_face_size))
+    analyzer = FaceAnalyzer(device="cpu", detector_params=DetectorParams(**_min_face(args)))
     load_s = time.perf_counter() - t0
     bs = args.batch_size
 
@@ -165,17 +170,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=4, help="images in the untimed warm-up pass")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--min-face-size", type=int, default=20, help="MTCNN's min face size (default %(default)s)")
+    parser.add_argument("--min-face-size", type=int, help="MTCNN's min face size (default: the library's, 20)")
     args = parser.parse_args(argv)
 
     images = load_images(args.images)
     run, load_s, versions = TASKS[args.task](args)
     warmup_s = timed(run, images[: args.warmup])[0] if args.warmup > 0 else 0.0
     seconds, cpu_s, faces = timed(run, images)
-    result = {"task": args.task, "batch_size": args.batch_size, "min_face_size": args.min_face_size,
-              "threads": args.threads, "images": len(images),
+    result = {"task": args.task, "batch_size": args.batch_size, "threads": args.threads, "images": len(images),
               "faces": int(faces), "seconds": seconds, "cpu_s": cpu_s, "load_s": load_s, "warmup_s": warmup_s,
               "versions": versions, "python": sys.version.split()[0]}
+    if args.min_face_size is not None:
+        result["min_face_size"] = args.min_face_size
     print(json.dumps(result), flush=True)
 
 

@@ -19,7 +19,6 @@ the setting's min face size (shorter box side), the share this setting also find
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -29,28 +28,10 @@ import torch
 import benchlib
 from bench_detector import load_images
 from benchlib import SHARED
-from eval_detector import score_image
+from eval_detector import load_annotated, score_image
 
 from facebatch.detector import MTCNNDetector  # noqa: E402
 from facebatch.evaluation import box_iou  # noqa: E402
-
-
-def annotated():
-    """(paths, images, ground-truth boxes x1y1x2y2, ignore flags) of the annotated detection set."""
-    from PIL import Image
-
-    manifest = json.loads((SHARED / "faces" / "MANIFEST.json").read_text())
-    paths, images, gts, ignores = [], [], [], []
-    for entry in manifest["files"]:
-        if entry["set"] != "detection" or not isinstance(entry.get("labels", {}).get("gt_boxes"), list):
-            continue
-        with Image.open(SHARED / "faces" / entry["path"]) as im:
-            images.append(np.asarray(im.convert("RGB")))
-        boxes = np.array(entry["labels"]["gt_boxes"], np.float64).reshape(-1, 4)
-        gts.append(np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1))
-        ignores.append(np.array(entry["labels"].get("gt_ignore") or [False] * len(boxes), bool))
-        paths.append(entry["path"])
-    return paths, images, gts, ignores
 
 
 def score(dets, gts, ignores, keep, iou):
@@ -79,7 +60,8 @@ def main() -> None:
         settings.append((int(size), float(factor)))
 
     _, timed, _ = load_images(None)
-    paths, images, gts, ignores = annotated()
+    entries, images, gts, ignores = load_annotated()
+    paths = [entry["path"] for entry in entries]
     crowd = np.array(["/widerface_val/" in p for p in paths])
     subsets = {
         "all": (lambda g: np.ones(len(g), bool), np.ones(len(paths), bool)),

@@ -55,6 +55,27 @@ def score_image(detections: np.ndarray, gt: np.ndarray, ignore: np.ndarray, min_
     return tp, fp, counted
 
 
+def load_annotated():
+    """The annotated detection photos: (manifest entries, RGB images decoded as the reference
+    decoded them, ground-truth boxes as x1, y1, x2, y2, their `gt_ignore` flags)."""
+    from PIL import Image
+
+    manifest = json.loads((SHARED / "faces" / "MANIFEST.json").read_text())
+    entries = [
+        f for f in manifest["files"]
+        if f["set"] == "detection" and isinstance(f.get("labels", {}).get("gt_boxes"), list)
+    ]
+    images, gts, ignores = [], [], []
+    for entry in entries:
+        with Image.open(SHARED / "faces" / entry["path"]) as im:
+            images.append(np.asarray(im.convert("RGB")))
+        boxes = np.array(entry["labels"]["gt_boxes"], np.float64).reshape(-1, 4)
+        gts.append(np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1))
+        ignore = entry["labels"].get("gt_ignore") or [False] * len(boxes)
+        ignores.append(np.array(ignore, bool))
+    return entries, images, gts, ignores
+
+
 def main() -> None:
     parser = benchlib.parser(__doc__)
     parser.add_argument("--iou", type=float, default=0.4)
@@ -64,23 +85,10 @@ def main() -> None:
     if not (SHARED / "faces" / "MANIFEST.json").is_file():
         sys.exit(f"shared corpus not found at {SHARED} (set FACEBATCH_SHARED_DATA)")
     torch.set_num_threads(args.threads)
-    from PIL import Image
-
-    manifest = json.loads((SHARED / "faces" / "MANIFEST.json").read_text())
     reference = json.loads((SHARED / "reference" / "mtcnn_facenet_pytorch.json").read_text())["images"]
-    entries = [
-        f for f in manifest["files"]
-        if f["set"] == "detection" and isinstance(f.get("labels", {}).get("gt_boxes"), list)
-    ]
-    images, gts, ignores, refs = [], [], [], []
-    for entry in entries:
-        with Image.open(SHARED / "faces" / entry["path"]) as im:
-            images.append(np.asarray(im.convert("RGB")))
-        boxes = np.array(entry["labels"]["gt_boxes"], np.float64).reshape(-1, 4)
-        gts.append(np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1))
-        ignore = entry["labels"].get("gt_ignore") or [False] * len(boxes)
-        ignores.append(np.array(ignore, bool))
-        refs.append(np.array([f["box"] for f in reference[entry["path"]]["faces"]], np.float64).reshape(-1, 4))
+    entries, images, gts, ignores = load_annotated()
+    refs = [np.array([f["box"] for f in reference[entry["path"]]["faces"]], np.float64).reshape(-1, 4)
+            for entry in entries]
 
     detector = MTCNNDetector(device=args.device, max_pixels=None)
     ours = [r.boxes.astype(np.float64) for r in detector.detect(images)]

@@ -68,8 +68,8 @@ def new_run_id() -> str:
 
 #: Up to this many input blocks a run's dataset is built from blocks in the driver's memory, whose
 #: metadata Ray Data computes there; above it, from object refs, whose metadata it reads with one
-#: remote task per block. Measured on 2 cores: 11 blocks 0.04 s against 1.69 s, 5,000 blocks 9.0 s
-#: against 31.0 s. The price is memory: until the dataset exists every block is also a Python
+#: remote task per block. Measured on 2 cores (bench/bench_run_start.py): 11 blocks 0.02 s against
+#: 1.66 s, 5,000 blocks 8.2 s against 29.2 s. The price is memory: until the dataset exists every block is also a Python
 #: table in the driver, about 2 KB of objects plus its rows (about 190 bytes each for S3 keys):
 #: at this limit about 100 MB with CPU batches of 16 rows, about 290 MB with GPU batches of 64.
 LOCAL_BLOCKS_MAX = 20_000

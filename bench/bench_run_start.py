@@ -4,14 +4,19 @@
    `facebatch.pipeline.input_dataset` can: `ray.data.from_arrow_refs` (one remote metadata task
    per block) and `ray.data.from_blocks` (metadata computed in the driver), the seconds of each;
 2. a bare Ray actor that imports what the inference actor imports (ray.data, torch,
-   facebatch.pipeline): seconds until it answers, and each import's seconds inside it.
+   facebatch.pipeline): seconds until it answers, and each import's seconds inside it;
+3. what a wave costs (`facebatch.pipeline.WAVE_BLOCKS`: a large plan runs as several datasets one
+   after the other, and the actor pool drains and restarts between them): `run_index` over the
+   demo archive (9 files) at batch 2, i.e. 6 input blocks, in one wave and in waves of 2 blocks.
 
     .venv/bin/python bench/bench_run_start.py [--blocks 11,1250,5000] [--settle 8]
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -72,6 +77,24 @@ def main() -> None:
         print(f"actor ready after {ready_s:.2f} s ({imports})")
         ray.kill(actor)
         time.sleep(2)
+
+    from facebatch import pipeline
+    from facebatch.config import IndexConfig
+    from facebatch.demo import build_demo_archive
+
+    root = Path(tempfile.mkdtemp(prefix="facebatch-bench-waves-"))
+    build_demo_archive(root)
+    seconds = {}
+    for wave_blocks in (pipeline.WAVE_BLOCKS, 2):
+        pipeline.WAVE_BLOCKS = wave_blocks
+        t0 = time.perf_counter()
+        summary = pipeline.run_index(IndexConfig(source=str(root / "archive"), out=str(root / f"tables-{wave_blocks}"),
+                                                 max_side=1024, batch_size=2).validate(), progress=False)
+        seconds[summary.record["input_waves"]] = time.perf_counter() - t0
+        print(f"demo archive, {summary.record['processed']} files in {summary.record['input_waves']} wave(s): "
+              f"{seconds[summary.record['input_waves']]:.2f} s")
+    (one, one_s), (many, many_s) = sorted(seconds.items())
+    print(f"each wave after the first: {(many_s - one_s) / (many - one):.2f} s")
     ray.shutdown()
 
 

@@ -19,7 +19,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -66,13 +66,18 @@ def new_run_id() -> str:
 # --------------------------------------------------------------------------- inference (Ray actors)
 
 
-#: Up to this many input blocks a run's dataset is built from blocks in the driver's memory, whose
-#: metadata Ray Data computes there; above it, from object refs, whose metadata it reads with one
-#: remote task per block. Measured on 2 cores (bench/bench_run_start.py): 11 blocks 0.02 s against
-#: 1.66 s, 5,000 blocks 8.2 s against 29.2 s. The price is memory: until the dataset exists every block is also a Python
-#: table in the driver, about 2 KB of objects plus its rows (about 190 bytes each for S3 keys):
-#: at this limit about 100 MB with CPU batches of 16 rows, about 290 MB with GPU batches of 64.
-LOCAL_BLOCKS_MAX = 20_000
+#: A run's input reaches Ray Data in waves of at most this many blocks: each wave is one dataset,
+#: built from blocks in the driver's memory, whose metadata Ray Data computes there. Measured on
+#: 2 cores (bench/bench_run_start.py): 0.02 s for 11 blocks, 8.2 s for 5,000; the other way in,
+#: blocks in the object store (`from_arrow_refs`), reads each block's metadata with one remote
+#: task: 1.7 s for 11 blocks, 29.2 s for 5,000, which made a plan of 10 million objects (625,000
+#: blocks at CPU batch 16) wait about an hour before its first result. A wave bounds both that
+#: wait (about 30 s per wave) and the driver's memory: until its dataset exists each block is a
+#: Python table there, about 2 KB of objects plus its rows (about 190 bytes each for S3 keys), so
+#: about 100 MB per wave at CPU batches of 16 rows and 290 MB at GPU batches of 64. Between two
+#: waves the actor pool drains and restarts, a cost of seconds: a wave is 320,000 objects at CPU
+#: batch 16 (about 11 hours for one 2-core actor) and 1.28 million at GPU batch 64.
+WAVE_BLOCKS = 20_000
 
 
 def input_blocks(todo: int, rows: int, first_rows: int) -> int:
@@ -81,17 +86,29 @@ def input_blocks(todo: int, rows: int, first_rows: int) -> int:
     return -(-todo // rows) + (1 if min(rows, todo) > first_rows else 0)
 
 
-def input_dataset(plan, rows: int, first_rows: int):
-    """The plan's objects as a Ray dataset of `rows`-row blocks (the first one `first_rows`), in
-    plan order: one block per inference batch (see _run_index)."""
+def input_waves(plan, rows: int, first_rows: int) -> Iterator[list[pa.Table]]:
+    """The plan's objects as `rows`-row tables (the first one `first_rows`), in plan order, in
+    lists of at most WAVE_BLOCKS: one table per inference batch, one list per dataset (see
+    _run_index). Read from the plan's spill file as they are needed, never all at once."""
+    wave: list[pa.Table] = []
+    for batch in plan.batches(rows=rows, first_rows=first_rows):
+        wave.append(pa.Table.from_batches([batch]))
+        if len(wave) >= WAVE_BLOCKS:
+            yield wave
+            wave = []
+    if wave:
+        yield wave
+
+
+def input_dataset(blocks: list[pa.Table]):
+    """One wave's tables as a Ray dataset of as many blocks, in order."""
     import ray
     import ray.data
 
-    batches = plan.batches(rows=rows, first_rows=first_rows)
     from_blocks = getattr(ray.data, "from_blocks", None)  # a DeveloperAPI, not in every Ray 2.x
-    if from_blocks is not None and input_blocks(plan.num_todo, rows, first_rows) <= LOCAL_BLOCKS_MAX:
-        return from_blocks([pa.Table.from_batches([b]) for b in batches])
-    return ray.data.from_arrow_refs([ray.put(pa.Table.from_batches([b])) for b in batches])
+    if from_blocks is not None:
+        return from_blocks(blocks)
+    return ray.data.from_arrow_refs([ray.put(table) for table in blocks])
 
 
 class FaceModelActor:
@@ -324,6 +341,56 @@ def default_sizing(config: IndexConfig, resources: dict[str, float], can_add_nod
     }
 
 
+def _inference_dataset(ds, config: IndexConfig, sizing: dict[str, Any], endpoint: str | None):
+    """A wave's input dataset through decoding (where separate tasks decode) and the inference actors."""
+    import ray.data
+
+    decode_kwargs = {"retries": config.fetch_retries, "endpoint": endpoint, "max_pixels": config.max_pixels,
+                     "max_side": config.max_side, "jpeg_passthrough": config.gpu_jpeg_decode}
+    if not sizing["decode_in_actor"]:
+        ds = ds.map_batches(
+            fetch_and_decode,
+            batch_size=8,
+            batch_format="pyarrow",
+            fn_kwargs=decode_kwargs,
+            num_cpus=1,
+            # Decoding a photo near the pixel limit needs a few hundred MB: reserving it bounds
+            # how many decodes a node runs at once. (It also keeps Ray Data from fusing decoding
+            # into the GPU actors, so CPU workers decode while the actors infer.)
+            memory=DECODE_TASK_MEMORY,
+            compute=ray.data.TaskPoolStrategy(size=sizing["read_concurrency"]),
+        )
+    ds = ds.map_batches(
+        FaceModelActor,
+        # Fetching and decoding in the actor, each input block is one call (Ray Data would
+        # otherwise bundle the small first block with the next one); after decode tasks,
+        # their small output blocks are bundled up to the batch size.
+        batch_size=None if sizing["decode_in_actor"] else sizing["batch_size"],
+        batch_format="pyarrow",
+        fn_constructor_kwargs={
+            "device": sizing["device"],
+            "detector_params": {
+                "min_face_size": config.detector.min_face_size,
+                "thresholds": list(config.detector.thresholds),
+                "scale_factor": config.detector.scale_factor,
+            },
+            "embed": config.embed,
+            "torch_threads": sizing["torch_threads"],
+            "decode": decode_kwargs if sizing["decode_in_actor"] else None,
+            "actors_per_gpu": sizing["actors_per_gpu"],
+            "gpu_jpeg": ({"max_pixels": config.max_pixels, "max_side": config.max_side}
+                         if config.gpu_jpeg_decode else None),
+        },
+        # Ray Data restarts a lost actor and retries its batch (and retries lost read tasks)
+        # by default, so a killed worker or a lost node costs time, not rows.
+        # min = max is a fixed pool; a larger max lets it autoscale with the cluster.
+        compute=ray.data.ActorPoolStrategy(min_size=sizing["num_actors"], max_size=sizing["max_actors"]),
+        num_cpus=sizing["actor_cpus"],
+        num_gpus=sizing["num_gpus"],
+    )
+    return ds
+
+
 def run_index(config: IndexConfig, ray_address: str | None = None, object_store_memory: int | None = None,
               progress: bool = True, on_batch: Callable[[int, int, float], None] | None = None) -> RunSummary:
     """Plan, run and publish one indexing run. Raises on failure of the run itself (not of single objects)."""
@@ -403,90 +470,51 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
     oom_retries = 0
     t_infer = time.perf_counter()
     first_batch_s, first_batch_rows = None, 0
+    waves = 0  # datasets of at most WAVE_BLOCKS input blocks, one after the other
     if todo:
         # One input block per inference batch: Ray Data hands an actor (and a decode task) a whole
         # input block per call, so big blocks would serialise the pool and, with preserve_order,
         # hold every result back until the block is done.
         # The first block is a quarter batch: its results come back after a few images, which is
         # when a user (and a nightly's log) first sees the run working.
-        ds = input_dataset(plan, rows=sizing["batch_size"], first_rows=max(1, sizing["batch_size"] // 4))
-        decode_kwargs = {"retries": config.fetch_retries, "endpoint": endpoint, "max_pixels": config.max_pixels,
-                         "max_side": config.max_side, "jpeg_passthrough": config.gpu_jpeg_decode}
-        if not sizing["decode_in_actor"]:
-            ds = ds.map_batches(
-                fetch_and_decode,
-                batch_size=8,
-                batch_format="pyarrow",
-                fn_kwargs=decode_kwargs,
-                num_cpus=1,
-                # Decoding a photo near the pixel limit needs a few hundred MB: reserving it bounds
-                # how many decodes a node runs at once. (It also keeps Ray Data from fusing decoding
-                # into the GPU actors, so CPU workers decode while the actors infer.)
-                memory=DECODE_TASK_MEMORY,
-                compute=ray.data.TaskPoolStrategy(size=sizing["read_concurrency"]),
-            )
-        ds = ds.map_batches(
-            FaceModelActor,
-            # Fetching and decoding in the actor, each input block is one call (Ray Data would
-            # otherwise bundle the small first block with the next one); after decode tasks,
-            # their small output blocks are bundled up to the batch size.
-            batch_size=None if sizing["decode_in_actor"] else sizing["batch_size"],
-            batch_format="pyarrow",
-            fn_constructor_kwargs={
-                "device": sizing["device"],
-                "detector_params": {
-                    "min_face_size": config.detector.min_face_size,
-                    "thresholds": list(config.detector.thresholds),
-                    "scale_factor": config.detector.scale_factor,
-                },
-                "embed": config.embed,
-                "torch_threads": sizing["torch_threads"],
-                "decode": decode_kwargs if sizing["decode_in_actor"] else None,
-                "actors_per_gpu": sizing["actors_per_gpu"],
-                "gpu_jpeg": ({"max_pixels": config.max_pixels, "max_side": config.max_side}
-                             if config.gpu_jpeg_decode else None),
-            },
-            # Ray Data restarts a lost actor and retries its batch (and retries lost read tasks)
-            # by default, so a killed worker or a lost node costs time, not rows.
-            # min = max is a fixed pool; a larger max lets it autoscale with the cluster.
-            compute=ray.data.ActorPoolStrategy(min_size=sizing["num_actors"], max_size=sizing["max_actors"]),
-            num_cpus=sizing["actor_cpus"],
-            num_gpus=sizing["num_gpus"],
-        )
         last_log = time.perf_counter()
-        # No prefetch: Ray Data's executor runs ahead on its own, and a prefetching iterator holds
-        # the first results back until more batches are done (measured: +7 s to the first
-        # results of the 153-photo run on 2 cores).
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-            images_rows, faces_rows = split_output(batch, version, run_id, indexed_at)
-            writer.write("faces", faces_rows)
-            writer.write("images", images_rows)
-            for s, c in zip(*np.unique(np.asarray(images_rows["status"].to_pylist(), dtype=object), return_counts=True)):
-                status_counts[s] = status_counts.get(s, 0) + int(c)
-            faces_total += faces_rows.num_rows
-            _count_fetch_errors(images_rows, fetch_errors)
-            failed = status_counts.get("fetch_failed", 0)
-            if too_many_fetch_failures(failed, todo, config.max_error_rate):
-                # The failures only grow, so the run is past the limit whatever the rest does: stop
-                # now rather than after fetching (and paying for) the whole archive.
-                _abort_quietly(writer)
-                raise RunFailed(_fetch_failure_message(run_id, failed, todo, config, fetch_errors))
-            for key in stage:
-                stage[key] += float(pc.sum(batch[key]).as_py() or 0.0)
-            oom_retries += int(pc.sum(batch["oom_retries"]).as_py() or 0)
-            if first_batch_s is None:
-                # Time to the first results: worker start-up, model loading, the first batch.
-                first_batch_s, first_batch_rows = time.perf_counter() - t_infer, batch.num_rows
-            processed += batch.num_rows
-            fault_point("write-after-first-batch")
-            now = time.perf_counter()
-            if on_batch is not None:  # (images processed, faces, seconds since processing began)
-                on_batch(processed, faces_total, now - t_infer)
-            if now - last_log > 10 or processed == todo:
-                rate = processed / max(1e-9, now - t_infer)
-                log.info("progress: %d/%d images (%.1f%%), %d faces, %.1f images/s", processed, todo,
-                         100.0 * processed / todo, faces_total, rate)
-                last_log = now
+        for blocks in input_waves(plan, rows=sizing["batch_size"], first_rows=max(1, sizing["batch_size"] // 4)):
+            waves += 1
+            ds = _inference_dataset(input_dataset(blocks), config, sizing, endpoint)
+            del blocks  # in the object store now
+            # No prefetch: Ray Data's executor runs ahead on its own, and a prefetching iterator holds
+            # the first results back until more batches are done (measured: +7 s to the first
+            # results of the 153-photo run on 2 cores).
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                images_rows, faces_rows = split_output(batch, version, run_id, indexed_at)
+                writer.write("faces", faces_rows)
+                writer.write("images", images_rows)
+                for s, c in zip(*np.unique(np.asarray(images_rows["status"].to_pylist(), dtype=object), return_counts=True)):
+                    status_counts[s] = status_counts.get(s, 0) + int(c)
+                faces_total += faces_rows.num_rows
+                _count_fetch_errors(images_rows, fetch_errors)
+                failed = status_counts.get("fetch_failed", 0)
+                if too_many_fetch_failures(failed, todo, config.max_error_rate):
+                    # The failures only grow, so the run is past the limit whatever the rest does: stop
+                    # now rather than after fetching (and paying for) the whole archive.
+                    _abort_quietly(writer)
+                    raise RunFailed(_fetch_failure_message(run_id, failed, todo, config, fetch_errors))
+                for key in stage:
+                    stage[key] += float(pc.sum(batch[key]).as_py() or 0.0)
+                oom_retries += int(pc.sum(batch["oom_retries"]).as_py() or 0)
+                if first_batch_s is None:
+                    # Time to the first results: worker start-up, model loading, the first batch.
+                    first_batch_s, first_batch_rows = time.perf_counter() - t_infer, batch.num_rows
+                processed += batch.num_rows
+                fault_point("write-after-first-batch")
+                now = time.perf_counter()
+                if on_batch is not None:  # (images processed, faces, seconds since processing began)
+                    on_batch(processed, faces_total, now - t_infer)
+                if now - last_log > 10 or processed == todo:
+                    rate = processed / max(1e-9, now - t_infer)
+                    log.info("progress: %d/%d images (%.1f%%), %d faces, %.1f images/s", processed, todo,
+                             100.0 * processed / todo, faces_total, rate)
+                    last_log = now
     rows = writer.close()
     process_s = time.perf_counter() - t_infer
     if rows["images"] != todo:
@@ -508,6 +536,7 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
         "images_per_second": todo / process_s if process_s > 0 else None,
         # Model calls halved after running out of device memory (0 when the memory model holds).
         "oom_retries": oom_retries,
+        "input_waves": waves,
         # After the first results arrive (start-up excluded): what a long run converges to.
         "first_results_s": first_batch_s,
         "steady_images_per_second": (todo - first_batch_rows) / (process_s - first_batch_s)

@@ -1,6 +1,5 @@
-"""The run's input dataset: one block per inference batch, in plan order, whichever way Ray
-Data gets the blocks' metadata (computed in the driver for small plans, by remote tasks above
-LOCAL_BLOCKS_MAX blocks)."""
+"""The run's input: one block per inference batch, in plan order, in waves of at most
+WAVE_BLOCKS blocks, each one Ray dataset; a run in several waves writes what one wave writes."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,25 +33,69 @@ def plan(tmp_path):
     return Plan(spill_dir=str(tmp_path), todo_path=str(todo))
 
 
-@pytest.mark.parametrize("local_blocks_max, expected", [(6, "from_blocks"), (5, "from_arrow_refs")])
-def test_one_block_per_batch_in_plan_order(local_ray, plan, monkeypatch, local_blocks_max, expected):
+@pytest.mark.parametrize("wave_blocks, waves", [(100, [[2, 6, 8, 8, 8, 5]]), (6, [[2, 6, 8, 8, 8, 5]]),
+                                               (4, [[2, 6, 8, 8], [8, 5]]), (1, [[2], [6], [8], [8], [8], [5]])])
+def test_waves_cut_the_plans_batches_in_order(plan, monkeypatch, wave_blocks, waves):
+    monkeypatch.setattr(pipeline, "WAVE_BLOCKS", wave_blocks)
+    got = list(pipeline.input_waves(plan, rows=8, first_rows=2))
+    # 2, then 6 (the rest of the first batch), then 8, 8, 8 and 5: six blocks, as counted.
+    assert [[t.num_rows for t in wave] for wave in got] == waves
+    assert sum(len(wave) for wave in got) == pipeline.input_blocks(37, 8, 2)
+    ids = [i for wave in got for t in wave for i in t.column("image_id").to_pylist()]
+    assert ids == [f"{i:040x}" for i in range(37)]
+
+
+@pytest.mark.parametrize("has_from_blocks", [True, False])
+def test_one_block_per_table_in_order(local_ray, plan, monkeypatch, has_from_blocks):
+    """From the driver's tables (`from_blocks`) or, in a Ray without it, from the object store."""
     import ray.data
 
-    monkeypatch.setattr(pipeline, "LOCAL_BLOCKS_MAX", local_blocks_max)
+    if not has_from_blocks:
+        monkeypatch.delattr(ray.data, "from_blocks")
     called = []
     for name in ("from_blocks", "from_arrow_refs"):
-        def spy(*args, _name=name, _real=getattr(ray.data, name)):
-            called.append(_name)
-            return _real(*args)
+        real = getattr(ray.data, name, None)
+        if real is not None:
+            def spy(*args, _name=name, _real=real):
+                called.append(_name)
+                return _real(*args)
 
-        monkeypatch.setattr(ray.data, name, spy)
-    ds = pipeline.input_dataset(plan, rows=8, first_rows=2)
-    assert called == [expected]
-    # 2, then 6 (the rest of the first batch), then 8, 8, 8 and 5: six blocks, as counted.
-    assert ds.num_blocks() == pipeline.input_blocks(37, 8, 2) == 6
+            monkeypatch.setattr(ray.data, name, spy)
+    tables = next(pipeline.input_waves(plan, rows=8, first_rows=2))
+    ds = pipeline.input_dataset(tables)
+    assert called == ["from_blocks" if has_from_blocks else "from_arrow_refs"]
+    assert ds.num_blocks() == 6
     blocks = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     assert [b.num_rows for b in blocks] == [2, 6, 8, 8, 8, 5]
     assert pa.concat_tables(blocks).column("image_id").to_pylist() == [f"{i:040x}" for i in range(37)]
+
+
+def test_a_run_in_several_waves_writes_what_one_wave_writes(local_ray, tmp_path, monkeypatch):
+    """The demo archive (9 files: faces, no faces, broken files) at batch 2 is 6 input blocks:
+    indexed in one wave and in three waves of 2 blocks, the published tables hold the same rows."""
+    from facebatch.config import IndexConfig
+    from facebatch.demo import build_demo_archive
+    from facebatch.pipeline import run_index
+    from facebatch.query import connect
+
+    files = build_demo_archive(tmp_path)
+    tables = {}
+    for wave_blocks in (pipeline.WAVE_BLOCKS, 2):
+        monkeypatch.setattr(pipeline, "WAVE_BLOCKS", wave_blocks)
+        out = str(tmp_path / f"tables-{wave_blocks}")
+        summary = run_index(IndexConfig(source=str(tmp_path / "archive"), out=out, max_side=1024, batch_size=2).validate(),
+                            progress=False)
+        assert summary.record["processed"] == len(files) == 9
+        assert summary.record["input_waves"] == (1 if wave_blocks > 6 else 3)
+        con = connect(out)
+        tables[wave_blocks] = (
+            con.sql("SELECT * EXCLUDE (run_id, indexed_at) FROM images ORDER BY image_id").fetchall(),
+            con.sql("SELECT * EXCLUDE (run_id) FROM faces ORDER BY image_id, face_index").fetchall(),
+        )
+    one, three = tables.values()
+    assert one == three
+    images, faces = one
+    assert len(images) == 9 and len(faces) >= 6  # the demo's portraits are found
 
 
 @pytest.mark.parametrize("todo, rows, first_rows", [(0, 16, 4), (1, 16, 4), (4, 16, 4), (5, 16, 4), (16, 16, 4),

@@ -11,6 +11,7 @@ without Ray; what happens to OUT at each step is drawn in ARCHITECTURE.md.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import sys
@@ -67,16 +68,17 @@ def new_run_id() -> str:
 
 
 #: A run's input reaches Ray Data in waves of at most this many blocks: each wave is one dataset,
-#: built from blocks in the driver's memory, whose metadata Ray Data computes there. Measured on
-#: 2 cores (bench/bench_run_start.py): 0.02 s for 11 blocks, 8.2 s for 5,000; the other way in,
-#: blocks in the object store (`from_arrow_refs`), reads each block's metadata with one remote
-#: task: 1.7 s for 11 blocks, 29.2 s for 5,000, which made a plan of 10 million objects (625,000
-#: blocks at CPU batch 16) wait about an hour before its first result. A wave bounds both that
-#: wait (about 30 s per wave) and the driver's memory: until its dataset exists each block is a
-#: Python table there, about 2 KB of objects plus its rows (about 190 bytes each for S3 keys), so
-#: about 100 MB per wave at CPU batches of 16 rows and 290 MB at GPU batches of 64. Between two
-#: waves the actor pool drains and restarts, a cost of seconds: a wave is 320,000 objects at CPU
-#: batch 16 (about 11 hours for one 2-core actor) and 1.28 million at GPU batch 64.
+#: built with `from_blocks`, which computes the blocks' metadata in the driver. Measured on 2 cores
+#: (bench/bench_run_start.py): 0.02 s for 11 blocks, 8.2-10.0 s for 5,000 (1.6-2.0 ms a block).
+#: `from_arrow_refs` instead reads each block's metadata with one remote task: 1.7 s for 11 blocks,
+#: 29-33 s for 5,000, which would have made a plan of 10 million objects (625,000 blocks at CPU
+#: batch 16) wait about an hour before its first result. A wave bounds the driver's memory too:
+#: until its dataset exists each block is a Python table there, about 2 KB of objects plus its
+#: rows (about 190 bytes each for S3 keys), so about 100 MB per wave at CPU batches of 16 rows and
+#: 290 MB at GPU batches of 64. Between two full waves the actors wait for the next wave's set-up
+#: (about 33-40 s at the rate above) and then restart (4-6 s on 2 cores): small against a
+#: wave, which is 320,000 objects at CPU batch 16 (about 11 hours for one 2-core actor) and
+#: 1.28 million at GPU batch 64.
 WAVE_BLOCKS = 20_000
 
 
@@ -89,7 +91,7 @@ def input_blocks(todo: int, rows: int, first_rows: int) -> int:
 def input_waves(plan, rows: int, first_rows: int) -> Iterator[list[pa.Table]]:
     """The plan's objects as `rows`-row tables (the first one `first_rows`), in plan order, in
     lists of at most WAVE_BLOCKS: one table per inference batch, one list per dataset (see
-    _run_index). Read from the plan's spill file as they are needed, never all at once."""
+    _run_index). Read from the plan's spill file one wave at a time."""
     wave: list[pa.Table] = []
     for batch in plan.batches(rows=rows, first_rows=first_rows):
         wave.append(pa.Table.from_batches([batch]))
@@ -99,7 +101,8 @@ def input_waves(plan, rows: int, first_rows: int) -> Iterator[list[pa.Table]]:
             full, wave = [wave], []
             yield full.pop()
     if wave:
-        yield wave
+        full, wave = [wave], []
+        yield full.pop()
 
 
 def input_dataset(blocks: list[pa.Table]):
@@ -343,10 +346,26 @@ def default_sizing(config: IndexConfig, resources: dict[str, float], can_add_nod
     }
 
 
-def _inference_dataset(ds, config: IndexConfig, sizing: dict[str, Any], endpoint: str | None):
+def initial_pool_size(sizing: dict[str, Any], wave: int, cluster_gpus: float) -> int:
+    """How many inference actors a wave starts with. A pool that may autoscale starts the second
+    and later waves at the size the cluster's GPUs allow (within its min and max), not back at the
+    minimum: the previous wave's actors are gone, but the nodes it scaled up to are still there."""
+    low, high = sizing["num_actors"], sizing["max_actors"]
+    if wave > 1 and high > low and sizing["device"] == "cuda":
+        return min(high, max(low, int(cluster_gpus) * sizing["actors_per_gpu"]))
+    return low
+
+
+def _inference_dataset(ds, config: IndexConfig, sizing: dict[str, Any], endpoint: str | None, wave: int = 1):
     """A wave's input dataset through decoding (where separate tasks decode) and the inference actors."""
+    import ray
     import ray.data
 
+    pool = {"min_size": sizing["num_actors"], "max_size": sizing["max_actors"]}
+    initial = initial_pool_size(sizing, wave, ray.cluster_resources().get("GPU", 0))
+    # (ActorPoolStrategy has initial_size since Ray 2.5x; with an older Ray every wave starts at the minimum.)
+    if initial != pool["min_size"] and "initial_size" in inspect.signature(ray.data.ActorPoolStrategy).parameters:
+        pool["initial_size"] = initial
     decode_kwargs = {"retries": config.fetch_retries, "endpoint": endpoint, "max_pixels": config.max_pixels,
                      "max_side": config.max_side, "jpeg_passthrough": config.gpu_jpeg_decode}
     if not sizing["decode_in_actor"]:
@@ -386,7 +405,7 @@ def _inference_dataset(ds, config: IndexConfig, sizing: dict[str, Any], endpoint
         # Ray Data restarts a lost actor and retries its batch (and retries lost read tasks)
         # by default, so a killed worker or a lost node costs time, not rows.
         # min = max is a fixed pool; a larger max lets it autoscale with the cluster.
-        compute=ray.data.ActorPoolStrategy(min_size=sizing["num_actors"], max_size=sizing["max_actors"]),
+        compute=ray.data.ActorPoolStrategy(**pool),
         num_cpus=sizing["actor_cpus"],
         num_gpus=sizing["num_gpus"],
     )
@@ -480,9 +499,13 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
         # The first block is a quarter batch: its results come back after a few images, which is
         # when a user (and a nightly's log) first sees the run working.
         last_log = time.perf_counter()
-        for blocks in input_waves(plan, rows=sizing["batch_size"], first_rows=max(1, sizing["batch_size"] // 4)):
+        first_rows = max(1, sizing["batch_size"] // 4)
+        total_waves = -(-input_blocks(todo, sizing["batch_size"], first_rows) // WAVE_BLOCKS)
+        for blocks in input_waves(plan, rows=sizing["batch_size"], first_rows=first_rows):
             waves += 1
-            ds = _inference_dataset(input_dataset(blocks), config, sizing, endpoint)
+            if total_waves > 1:
+                log.info("input wave %d/%d: %d batches", waves, total_waves, len(blocks))
+            ds = _inference_dataset(input_dataset(blocks), config, sizing, endpoint, wave=waves)
             del blocks  # the dataset holds them now
             # No prefetch: Ray Data's executor runs ahead on its own, and a prefetching iterator holds
             # the first results back until more batches are done (measured: +7 s to the first
@@ -517,6 +540,8 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
                     log.info("progress: %d/%d images (%.1f%%), %d faces, %.1f images/s", processed, todo,
                              100.0 * processed / todo, faces_total, rate)
                     last_log = now
+            # Before the next wave is read and put: this wave's blocks go with its dataset.
+            ds = batch = images_rows = faces_rows = None
     rows = writer.close()
     process_s = time.perf_counter() - t_infer
     if rows["images"] != todo:

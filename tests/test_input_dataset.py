@@ -45,6 +45,28 @@ def test_waves_cut_the_plans_batches_in_order(plan, monkeypatch, wave_blocks, wa
     assert ids == [f"{i:040x}" for i in range(37)]
 
 
+def test_an_empty_plan_has_no_wave(tmp_path):
+    todo = tmp_path / "todo.parquet"
+    pq.write_table(pa.table({"image_id": pa.array([], pa.string())}), todo)
+    assert list(pipeline.input_waves(Plan(spill_dir=str(tmp_path), todo_path=str(todo)), rows=8, first_rows=2)) == []
+
+
+@pytest.mark.parametrize("wave_blocks", [4, 100])
+def test_a_wave_handed_over_is_not_kept_by_the_generator(plan, monkeypatch, wave_blocks):
+    """While a wave runs, the suspended generator holds none of its tables (full waves and the
+    last one alike): they are freed with the wave's dataset, not at the end of the run."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(pipeline, "WAVE_BLOCKS", wave_blocks)
+    waves = pipeline.input_waves(plan, rows=8, first_rows=2)
+    for wave in waves:
+        refs = [weakref.ref(t) for t in wave]
+        del wave
+        gc.collect()
+        assert all(r() is None for r in refs)
+
+
 @pytest.mark.parametrize("has_from_blocks", [True, False])
 def test_one_block_per_table_in_order(local_ray, plan, monkeypatch, has_from_blocks):
     """From the driver's tables (`from_blocks`) or, in a Ray without it, from the object store."""
@@ -83,9 +105,12 @@ def test_a_run_in_several_waves_writes_what_one_wave_writes(local_ray, tmp_path,
     for wave_blocks in (pipeline.WAVE_BLOCKS, 2):
         monkeypatch.setattr(pipeline, "WAVE_BLOCKS", wave_blocks)
         out = str(tmp_path / f"tables-{wave_blocks}")
+        done = []
         summary = run_index(IndexConfig(source=str(tmp_path / "archive"), out=out, max_side=1024, batch_size=2).validate(),
-                            progress=False)
-        assert summary.record["processed"] == len(files) == 9
+                            progress=False, on_batch=lambda processed, faces, seconds: done.append(processed))
+        # Every block once, in turn: 1 (the quarter batch), 1 (the rest of the first batch), 2, 2, 2, 1.
+        assert done == [1, 2, 4, 6, 8, 9]
+        assert sum(summary.record["images_by_status"].values()) == len(files) == 9
         assert summary.record["input_waves"] == (1 if wave_blocks > 6 else 3)
         con = connect(out)
         tables[wave_blocks] = (
@@ -106,3 +131,16 @@ def test_block_count_matches_the_plans_batches(tmp_path, todo, rows, first_rows)
                    path, row_group_size=7)
     batches = list(Plan(spill_dir=str(tmp_path), todo_path=str(path)).batches(rows=rows, first_rows=first_rows))
     assert pipeline.input_blocks(todo, rows, first_rows) == len(batches)
+
+
+@pytest.mark.parametrize("device, low, high, per_gpu, wave, gpus, expected", [
+    ("cuda", 1, 8, 1, 1, 6, 1),    # the first wave starts at the minimum and lets the autoscaler add nodes
+    ("cuda", 1, 8, 1, 2, 6, 6),    # later waves start on the GPUs the earlier ones scaled up to
+    ("cuda", 1, 8, 2, 2, 6, 8),    # two actors per GPU, capped at the maximum
+    ("cuda", 2, 8, 1, 3, 0, 2),    # no GPU left in the cluster: the minimum, the autoscaler adds nodes again
+    ("cuda", 4, 4, 1, 2, 6, 4),    # a fixed pool stays fixed
+    ("cpu", 1, 4, 1, 2, 0, 1),     # CPU pools are not scaled up front
+])
+def test_later_waves_start_the_pool_at_the_clusters_gpus(device, low, high, per_gpu, wave, gpus, expected):
+    sizing = {"device": device, "num_actors": low, "max_actors": high, "actors_per_gpu": per_gpu}
+    assert pipeline.initial_pool_size(sizing, wave, gpus) == expected

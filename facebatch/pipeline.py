@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 import os
 import sys
@@ -92,17 +93,14 @@ def input_waves(plan, rows: int, first_rows: int) -> Iterator[list[pa.Table]]:
     """The plan's objects as `rows`-row tables (the first one `first_rows`), in plan order, in
     lists of at most WAVE_BLOCKS: one table per inference batch, one list per dataset (see
     _run_index). Read from the plan's spill file one wave at a time."""
-    wave: list[pa.Table] = []
-    for batch in plan.batches(rows=rows, first_rows=first_rows):
-        wave.append(pa.Table.from_batches([batch]))
-        if len(wave) >= WAVE_BLOCKS:
-            # Handed over without a reference kept here: the caller's dataset holds the blocks
-            # while the wave runs, and this generator stays suspended until the next wave.
-            full, wave = [wave], []
-            yield full.pop()
-    if wave:
-        full, wave = [wave], []
-        yield full.pop()
+    tables = (pa.Table.from_batches([batch]) for batch in plan.batches(rows=rows, first_rows=first_rows))
+    while True:
+        # Handed over out of a one-element list, so that this generator keeps no reference while
+        # it is suspended: the caller's dataset alone holds a wave's blocks while the wave runs.
+        wave = [list(itertools.islice(tables, WAVE_BLOCKS))]
+        if not wave[0]:
+            return
+        yield wave.pop()
 
 
 def input_dataset(blocks: list[pa.Table]):

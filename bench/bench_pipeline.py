@@ -1,7 +1,9 @@
 """End-to-end throughput of `facebatch index` against the bare models on the same images.
 
 1. bare: the images decoded in advance (not timed), then FaceAnalyzer (detector + alignment +
-   embedder) over them in batches, on 2 torch threads: the models' own time;
+   embedder) over them in batches, on 2 torch threads: the models' own time; and the same with
+   one single-threaded process per core, each on its share of the images (the pipeline's CPU
+   actors run so by default);
 2. end to end: `run_index` over the same files on a local Ray instance (plan, fetch, decode,
    inference, Parquet write, publish), from a local folder or from a loopback S3 server.
 Prints images/s, the stage breakdown from the run record, the ratio end-to-end / bare, and the
@@ -70,18 +72,20 @@ def corpus_files(limit: int | None) -> list[Path]:
     return files[:limit] if limit else files
 
 
-def bare_models(files: list[Path], batch_size: int, max_side: int) -> dict:
+def bare_models(files: list[Path], batch_size: int, max_side: int, threads: int = 2, ready=None) -> dict:
     import torch
 
     from facebatch.decode import decode_image
     from facebatch.inference import FaceAnalyzer, StageTimes
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     analyzer = FaceAnalyzer(device="cpu")
     load_s = time.perf_counter() - t0
     decoded = [decode_image(p.read_bytes(), max_side=max_side) for p in files]
     analyzer.analyze([decoded[0].rgb], [decoded[0].scale])  # warm-up
+    if ready is not None:
+        ready.wait()  # all processes start timing together
     times = StageTimes()
     t0 = time.perf_counter()
     faces = 0
@@ -92,6 +96,29 @@ def bare_models(files: list[Path], batch_size: int, max_side: int) -> dict:
     return {"seconds": seconds, "faces": faces, "load_s": load_s, "detect_s": times.detect_s, "embed_s": times.embed_s}
 
 
+def _bare_share(args) -> dict:
+    files, batch_size, max_side, ready = args
+    return bare_models(files, batch_size, max_side, threads=1, ready=ready)
+
+
+def bare_models_per_core(files: list[Path], batch_size: int, max_side: int) -> dict:
+    """The same models in one single-threaded process per core (as the pipeline's CPU actors run
+    by default), each on its share of the images, timed from a common start to the last finish."""
+    import multiprocessing
+
+    cores = os.cpu_count() or 1
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager:
+        ready = manager.Barrier(cores + 1)
+        with context.Pool(cores) as pool:
+            pending = pool.map_async(_bare_share, [(files[i::cores], batch_size, max_side, ready) for i in range(cores)])
+            ready.wait()
+            t0 = time.perf_counter()
+            shares = pending.get()
+            seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "faces": sum(s["faces"] for s in shares), "processes": cores}
+
+
 def main() -> None:
     parser = benchlib.parser(__doc__)
     parser.add_argument("--source", choices=("local", "s3"), default="local")
@@ -100,6 +127,9 @@ def main() -> None:
     parser.add_argument("--max-side", type=int, default=2048)
     parser.add_argument("--repeat", type=int, default=1,
                         help="index the corpus this many times over (copies under other names), so start-up weighs less")
+    parser.add_argument("--num-actors", type=int, help="inference actors (default: the pipeline's, one per core on CPU where memory allows)")
+    parser.add_argument("--max-actors", type=int, help="let the pool grow up to this many actors")
+    parser.add_argument("--skip-bare", action="store_true", help="time only the end-to-end run")
     args = parser.parse_args()
     if not CORPUS.is_dir():
         sys.exit(f"shared corpus not found at {CORPUS}")
@@ -112,7 +142,11 @@ def main() -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest)
 
-    bare = bare_models(files, args.batch_size, args.max_side)
+    nan = float("nan")
+    bare = (bare_models(files, args.batch_size, args.max_side) if not args.skip_bare
+            else {"seconds": nan, "faces": None, "load_s": nan, "detect_s": nan, "embed_s": nan})
+    per_core = (bare_models_per_core(files, args.batch_size, args.max_side) if not args.skip_bare
+                else {"seconds": nan, "faces": None, "processes": os.cpu_count()})
 
     with contextlib.ExitStack() as stack:
         source, out = str(archive), str(work / "tables")
@@ -132,16 +166,20 @@ def main() -> None:
     print(f"{'':34s} {'seconds':>9s} {'images/s':>9s}")
     print(f"{'bare models (detect+align+embed)':34s} {bare['seconds']:9.2f} {n / bare['seconds']:9.2f}")
     print(f"{'  of which detect / embed':34s} {bare['detect_s']:9.2f} / {bare['embed_s']:.2f}")
+    label = f"bare, {per_core['processes']} processes x 1 thread"
+    print(f"{label:34s} {per_core['seconds']:9.2f} {n / per_core['seconds']:9.2f}")
     print(f"{'end to end: processing':34s} {sec['process']:9.2f} {n / sec['process']:9.2f}")
     print(f"{'end to end: whole command':34s} {wall:9.2f} {n / wall:9.2f}  (plan {sec['plan']:.2f} s, Ray start + model load included)")
     steady = record.get("steady_images_per_second")
     if steady:
         print(f"{'end to end: after first results':34s} {'':9s} {steady:9.2f}  (first results after {record['first_results_s']:.2f} s)")
     print(f"{'ratio processing / bare':34s} {sec['process'] / bare['seconds']:9.2f}")
+    print(f"{'ratio processing / bare per core':34s} {sec['process'] / per_core['seconds']:9.2f}")
     if steady:
         print(f"{'ratio after first results / bare':34s} {(n / bare['seconds']) / steady:9.2f}")
     print("stage seconds summed over workers: " + ", ".join(f"{k} {v:.2f}" for k, v in sec.items() if k.endswith("_cpu_sum")))
-    print(f"faces: bare {bare['faces']}, end to end {record['faces']}; statuses {record['images_by_status']}")
+    print(f"faces: bare {bare['faces']}, bare per core {per_core['faces']}, end to end {record['faces']}; "
+          f"statuses {record['images_by_status']}")
     print(f"peak RSS driver + Ray workers: {peak:.0f} MiB; model load {bare['load_s']:.2f} s")
     shutil.rmtree(work, ignore_errors=True)
 
@@ -153,7 +191,9 @@ def run_and_sample(source: str, out: str, args, exclude: tuple[int, ...]):
 
     sampler = MemorySampler(exclude_pids=exclude)
     t0 = time.perf_counter()
-    summary = run_index(IndexConfig(source=source, out=out, batch_size=args.batch_size, max_side=args.max_side).validate(),
+    config = IndexConfig(source=source, out=out, batch_size=args.batch_size, max_side=args.max_side,
+                         num_actors=args.num_actors, max_actors=args.max_actors)
+    summary = run_index(config.validate(),
                         object_store_memory=512 * 2**20, progress=False)
     wall = time.perf_counter() - t0
     return summary, wall, sampler.stop()

@@ -119,9 +119,10 @@ class IndexConfig:
         "images per inference batch (default 64 on GPU, 16 on CPU)", "ray", parse=positive_int))
     # The inference actor pool: num_actors to start with (the minimum), growing up to max_actors
     # while work is queued when the cluster can add nodes (KubeRay / `ray up` autoscaling), and
-    # shrinking when idle. None = one per GPU present (one per 4 CPUs on CPU), and max = min.
+    # shrinking when idle. None = one per GPU present (on CPU: one 1-thread actor per core, fewer
+    # with more threads where memory holds fewer), and max = min.
     num_actors: int | None = field(default=None, metadata=cli_option(
-        "inference actors to start with (default: one per GPU, or one per 4 CPUs)", "ray", parse=positive_int))
+        "inference actors to start with (default: one per GPU; on CPU one per core, fewer where memory is short)", "ray", parse=positive_int))
     max_actors: int | None = field(default=None, metadata=cli_option(
         "let the actor pool grow up to this many while work is queued (autoscaling clusters add "
         "GPU nodes for them) and shrink when idle (default: --num-actors, a fixed pool)", "ray", parse=positive_int))

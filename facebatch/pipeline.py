@@ -41,6 +41,15 @@ log = logging.getLogger("facebatch")
 DECODE_TASK_MEMORY = 512 * 1024 * 1024
 
 
+def cpu_actor_memory(batch_size: int, max_side: int) -> int:
+    """A generous estimate of a CPU inference actor's peak memory, used to decide how many actors a
+    cluster's memory holds: torch, the models and their buffers (about 0.7 GiB), plus about 10 bytes
+    per pixel of a batch of images at the --max-side bound (decoded RGB, the pyramid, P-Net's
+    activations). Measured: 1.32-1.35 GB peak RSS per actor at batch 16 and max side 2048, against
+    1.37 GB estimated for the square bound."""
+    return 700 * 2**20 + batch_size * max_side * max_side * 10
+
+
 class RunFailed(RuntimeError):
     """The run as a whole failed (not one object): nothing of it was published."""
 
@@ -324,12 +333,24 @@ def default_sizing(config: IndexConfig, resources: dict[str, float], can_add_nod
     # CPU: no accelerator to keep fed, and separate decode tasks would only compete with torch's
     # threads for the same cores (measured: 1.9x the bare model time on 2 cores, against 1.2x
     # with decoding in the actor). So each actor owns its cores and fetches + decodes its batches
-    # itself; parallelism comes from more actors (one per 4 cores).
-    num_actors = config.num_actors or max(1, cpus // 4)
+    # itself. Parallelism comes from actors rather than threads: one single-threaded actor per core
+    # where memory allows (torch's threads wait for each other at every operation, and an actor's
+    # fetch and decode are single-threaded; measured on 2 cores: 26-28 s of processing for the 153
+    # corpus photos with two 1-thread actors against 33-34 s with one 2-thread actor), else fewer
+    # actors with more threads each.
     decode_in_actor = config.decode_tasks is not True
+    batch_size = config.batch_size or 16
     # With separate decode tasks (--decode-tasks), a quarter of the cores is left to them.
     read_cpus = 0 if decode_in_actor else max(1, cpus // 4)
-    actor_cpus = max(1, (cpus - read_cpus) // num_actors)
+    infer_cpus = max(1, cpus - read_cpus)
+    if config.num_actors:
+        num_actors = config.num_actors
+    else:
+        memory = resources.get("memory")
+        fit = int(memory // cpu_actor_memory(batch_size, config.max_side)) if memory else infer_cpus
+        threads = -(-infer_cpus // max(1, min(infer_cpus, fit, config.max_actors or infer_cpus)))
+        num_actors = max(1, infer_cpus // threads)
+    actor_cpus = max(1, infer_cpus // num_actors)
     return {
         "device": "cpu",
         "num_actors": num_actors,
@@ -338,7 +359,7 @@ def default_sizing(config: IndexConfig, resources: dict[str, float], can_add_nod
         "actors_per_gpu": 1,
         "actor_cpus": actor_cpus,
         "torch_threads": actor_cpus,
-        "batch_size": config.batch_size or 16,
+        "batch_size": batch_size,
         "decode_in_actor": decode_in_actor,
         "read_concurrency": None if decode_in_actor else (config.read_concurrency or read_cpus),
     }

@@ -325,8 +325,27 @@ def test_default_sizing_follows_the_cluster():
     from facebatch.pipeline import default_sizing
 
     cfg = IndexConfig(source="/x", out="/y").validate()
-    cpu = default_sizing(cfg, {"CPU": 16})
-    assert cpu["device"] == "cpu" and cpu["num_actors"] == 4 and cpu["actor_cpus"] == 4 and cpu["decode_in_actor"]
+    # On CPU, one single-threaded actor per core while the cluster's memory holds them ...
+    cpu = default_sizing(cfg, {"CPU": 16, "memory": 64 * 2**30})
+    assert cpu["device"] == "cpu" and cpu["num_actors"] == 16 and cpu["actor_cpus"] == cpu["torch_threads"] == 1
+    assert cpu["decode_in_actor"] and cpu["batch_size"] == 16
+    # ... else fewer actors with more threads each: 7 GiB holds 5 actors at batch 16 and max side
+    # 2048 (about 1.4 GB each), so 16 cores make 4 actors of 4 threads; 8 GiB holds 6, which
+    # makes 5 actors of 3 threads.
+    def pool(config, resources):
+        sizing = default_sizing(config, resources)
+        return sizing["num_actors"], sizing["actor_cpus"]
+
+    assert pool(cfg, {"CPU": 16, "memory": 7 * 2**30}) == (4, 4)
+    assert pool(cfg, {"CPU": 16, "memory": 8 * 2**30}) == (5, 3)
+    assert pool(cfg, {"CPU": 2, "memory": 20 * 2**30}) == (2, 1)
+    assert pool(cfg, {"CPU": 6, "memory": 6 * 2**30}) == (3, 2)  # 4 fit: 2 threads each, no core idle
+    assert pool(cfg, {"CPU": 8, "memory": 2**30}) == (1, 8)  # never none
+    # Larger batches and images need more memory per actor, so fewer fit.
+    big = IndexConfig(source="/x", out="/y", batch_size=64, max_side=4096).validate()
+    assert pool(big, {"CPU": 16, "memory": 64 * 2**30}) == (4, 4)
+    # --num-actors decides, and the cores are shared among them.
+    assert pool(IndexConfig(source="/x", out="/y", num_actors=2).validate(), {"CPU": 16, "memory": 64 * 2**30}) == (2, 8)
     tasks = default_sizing(IndexConfig(source="/x", out="/y", decode_tasks=True).validate(), {"CPU": 2})
     # Never more CPUs asked than the cluster has: the decode task must still find a core.
     assert tasks["actor_cpus"] * tasks["num_actors"] + tasks["read_concurrency"] <= 2
@@ -357,7 +376,9 @@ def test_the_actor_pool_can_grow_with_the_cluster():
     # Joined a cluster that has no GPU node yet: the pending actor is what makes the autoscaler add one.
     sizing = default_sizing(scaling, {"CPU": 4}, can_add_nodes=True)
     assert (sizing["num_actors"], sizing["max_actors"], sizing["num_gpus"]) == (1, 4, 1)
-    assert default_sizing(IndexConfig(source="/x", out="/y", max_actors=3).validate(), {"CPU": 4})["max_actors"] == 3
+    # On CPU, --max-actors alone caps the default pool (which then has nothing to grow into).
+    capped = default_sizing(IndexConfig(source="/x", out="/y", max_actors=3).validate(), {"CPU": 4})
+    assert (capped["num_actors"], capped["max_actors"], capped["actor_cpus"]) == (2, 3, 2)
     with pytest.raises(ConfigError, match="below --num-actors"):
         IndexConfig(source="/x", out="/y", num_actors=4, max_actors=2).validate()
 

@@ -26,6 +26,7 @@ Only "not found" means absent: every other failure raises storage.StorageError.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
@@ -333,6 +334,15 @@ class Heartbeat:
 
 
 _ACTIVE_HEARTBEATS: set[Heartbeat] = set()
+
+
+@atexit.register
+def _stop_heartbeats_at_exit() -> None:
+    # A process that exits is no longer a live run. Registered after pyarrow.fs was imported, so
+    # this runs before pyarrow's own exit handler finalizes S3: a beat after that would fail with
+    # "S3 subsystem is finalized" (ArrowInvalid, not OSError) and kill its thread noisily.
+    for beat in list(_ACTIVE_HEARTBEATS):
+        beat._stop.set()
 
 
 def active_heartbeats() -> set[Heartbeat]:

@@ -224,3 +224,28 @@ def test_recovery_leaves_folders_that_are_not_run_ids_alone(tmp_path):
     assert recovery.recover_staging(location) == [{"run_id": "-weird name", "action": "left alone: not a run id"}]
     assert odd.exists()
 
+
+
+def test_a_heartbeat_still_running_at_exit_stops_quietly(s3_server):
+    """A process that exits with a heartbeat running (a test, or a driver that never stopped one)
+    stops it before pyarrow finalizes S3, instead of its thread dying on "S3 subsystem is finalized"."""
+    import os
+    import subprocess
+    import sys
+
+    s3_server.client().create_bucket(Bucket="exit-beats")
+    script = (
+        "import atexit, time\n"
+        # Registered before pyarrow is imported, so it runs after pyarrow's exit handler finalized
+        # S3: the time a beat needs to hit the finalized subsystem, deterministically.
+        "atexit.register(time.sleep, 0.3)\n"
+        "import facebatch.out as o\n"
+        "o.HEARTBEAT_SECONDS = 0.005\n"
+        f"o.Heartbeat.start(o.Out.from_uri('s3://exit-beats/out', {s3_server.endpoint!r}), 'run-left')\n"
+        "time.sleep(0.3)\n"  # then exit with it beating
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **s3_server.env()})
+    assert done.returncode == 0, done.stderr
+    assert "Exception in thread" not in done.stderr and "finalized" not in done.stderr, done.stderr
+    assert s3_server.client().head_object(Bucket="exit-beats", Key="out/_staging/run-left/HEARTBEAT")

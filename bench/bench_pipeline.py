@@ -106,7 +106,7 @@ def bare_models_per_core(files: list[Path], batch_size: int, max_side: int) -> d
     by default), each on its share of the images, timed from a common start to the last finish."""
     import multiprocessing
 
-    cores = os.cpu_count() or 1
+    cores = min(os.cpu_count() or 1, len(files))
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
         ready = manager.Barrier(cores + 1)

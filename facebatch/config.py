@@ -119,13 +119,16 @@ class IndexConfig:
         "images per inference batch (default 64 on GPU, 16 on CPU)", "ray", parse=positive_int))
     # The inference actor pool: num_actors to start with (the minimum), growing up to max_actors
     # while work is queued when the cluster can add nodes (KubeRay / `ray up` autoscaling), and
-    # shrinking when idle. None = one per GPU present (on CPU: one 1-thread actor per core, fewer
-    # with more threads where memory holds fewer), and max = min.
+    # shrinking when idle. None = one per GPU present; on CPU one 1-thread actor per core, fewer
+    # with more threads where a node's memory holds fewer (pipeline.cpu_pool), at most max_actors.
+    # max None = min, a fixed pool.
     num_actors: int | None = field(default=None, metadata=cli_option(
-        "inference actors to start with (default: one per GPU; on CPU one per core, fewer where memory is short)", "ray", parse=positive_int))
+        "inference actors to start with (default: one per GPU; on CPU one single-threaded actor per core, "
+        "fewer with more threads where a node's memory holds fewer, at most --max-actors)", "ray", parse=positive_int))
     max_actors: int | None = field(default=None, metadata=cli_option(
         "let the actor pool grow up to this many while work is queued (autoscaling clusters add "
-        "GPU nodes for them) and shrink when idle (default: --num-actors, a fixed pool)", "ray", parse=positive_int))
+        "nodes for them) and shrink when idle (default: --num-actors, a fixed pool); on CPU without "
+        "--num-actors it also caps the starting pool", "ray", parse=positive_int))
     # Fractional GPUs: N actors share each GPU (each asks Ray for 1/N of one), so one actor's host
     # work (batch assembly, uploads, NMS bookkeeping) overlaps another's GPU work.
     actors_per_gpu: int = field(default=1, metadata=cli_option(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import random
 import signal
@@ -40,6 +41,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import storage
+
+log = logging.getLogger("facebatch")
 
 STAGING = "_staging"
 RUNS = "_runs"
@@ -324,6 +327,8 @@ class Heartbeat:
                 self._beat()
             except OSError:
                 pass  # a missed beat only matters after STALE_AFTER_SECONDS of them
+            except Exception as exc:  # noqa: BLE001 - any other failure must not end a live run's beats either
+                log.warning("heartbeat %s: a beat failed (%s: %s); beating on", self.location.uri(), type(exc).__name__, exc)
 
     def stop(self) -> None:
         """Stop beating. Idempotent, and safe whatever state the heartbeat is in."""
@@ -341,8 +346,12 @@ def _stop_heartbeats_at_exit() -> None:
     # A process that exits is no longer a live run. Registered after pyarrow.fs was imported, so
     # this runs before pyarrow's own exit handler finalizes S3: a beat after that would fail with
     # "S3 subsystem is finalized" (ArrowInvalid, not OSError) and kill its thread noisily.
-    for beat in list(_ACTIVE_HEARTBEATS):
+    beats = list(_ACTIVE_HEARTBEATS)
+    for beat in beats:
         beat._stop.set()
+    for beat in beats:  # a beat already under way finishes first (bounded: a hung PUT must not block exit)
+        if beat._thread is not None:
+            beat._thread.join(timeout=5)
 
 
 def active_heartbeats() -> set[Heartbeat]:

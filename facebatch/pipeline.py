@@ -295,14 +295,16 @@ def _count_fetch_errors(images_rows: pa.Table, counter: Counter) -> None:
         counter[(error or "").replace(uri, "<uri>")] += 1
 
 
-def default_sizing(config: IndexConfig, resources: dict[str, float], can_add_nodes: bool = False) -> dict[str, Any]:
+def default_sizing(config: IndexConfig, resources: dict[str, float], can_add_nodes: bool = False,
+                   nodes: list[dict[str, float]] | None = None) -> dict[str, Any]:
     """Pool and batch sizes from the cluster's resources, unless the config sets them.
 
     The actor pool starts at ``num_actors`` and may grow to ``max_actors`` (Ray Data's autoscaling
     actor pool): on a cluster that can add nodes, the pending actors are what makes the autoscaler
     add GPU workers, and idle ones are released so the nodes can go. ``can_add_nodes`` says the
     run joined an existing cluster (which may autoscale from zero GPUs); a Ray instance this
-    process starts itself has only the GPUs it sees.
+    process starts itself has only the GPUs it sees. ``nodes`` are the alive nodes' own resources
+    (CPU actors are sized per node); without them ``resources`` counts as one node.
     """
     cpus = max(1, int(resources.get("CPU", 1)))
     gpus = int(resources.get("GPU", 0))
@@ -322,6 +324,7 @@ def default_sizing(config: IndexConfig, resources: dict[str, float], can_add_nod
             "actors_per_gpu": share,
             "actor_cpus": 1,
             "torch_threads": None,
+            "actor_memory": None,
             "batch_size": config.batch_size or 64,
             # Separate decode tasks keep the GPUs fed: everything but one CPU per actor decodes.
             "decode_in_actor": config.decode_tasks is False,
@@ -333,28 +336,26 @@ def default_sizing(config: IndexConfig, resources: dict[str, float], can_add_nod
     # CPU: no accelerator to keep fed, and separate decode tasks would only compete with torch's
     # threads for the same cores (measured: 1.9x the bare model time on 2 cores, against 1.2x
     # with decoding in the actor). So each actor owns its cores and fetches + decodes its batches
-    # itself. Parallelism comes from actors rather than threads: one single-threaded actor per core
-    # where memory allows (torch's threads wait for each other at every operation, and an actor's
-    # fetch and decode are single-threaded; measured on 2 cores: 26-28 s of processing for the 153
-    # corpus photos with two 1-thread actors against 33-34 s with one 2-thread actor), else fewer
-    # actors with more threads each.
+    # itself. Parallelism comes from actors rather than threads (see cpu_pool).
     decode_in_actor = config.decode_tasks is not True
     batch_size = config.batch_size or 16
     # With separate decode tasks (--decode-tasks), a quarter of the cores is left to them.
     read_cpus = 0 if decode_in_actor else max(1, cpus // 4)
     infer_cpus = max(1, cpus - read_cpus)
-    if config.num_actors:
-        num_actors = config.num_actors
+    actor_memory = None
+    if config.num_actors:  # as given: the cores are shared among them
+        num_actors, actor_cpus = config.num_actors, max(1, infer_cpus // config.num_actors)
     else:
-        memory = resources.get("memory")
-        fit = int(memory // cpu_actor_memory(batch_size, config.max_side)) if memory else infer_cpus
-        threads = -(-infer_cpus // max(1, min(infer_cpus, fit, config.max_actors or infer_cpus)))
-        num_actors = max(1, infer_cpus // threads)
-    actor_cpus = max(1, infer_cpus // num_actors)
+        num_actors, actor_cpus, actor_memory = cpu_pool(
+            nodes if nodes is not None else [resources], read_cpus,
+            0 if decode_in_actor else (config.read_concurrency or read_cpus),
+            cpu_actor_memory(batch_size, config.max_side), config.max_actors)
+    # --max-actors alone caps the default pool; it grows beyond that only where nodes can be added.
+    grows = config.num_actors is not None or can_add_nodes
     return {
         "device": "cpu",
         "num_actors": num_actors,
-        "max_actors": max(num_actors, config.max_actors or num_actors),
+        "max_actors": max(num_actors, config.max_actors or num_actors) if grows else num_actors,
         "num_gpus": 0,
         "actors_per_gpu": 1,
         "actor_cpus": actor_cpus,
@@ -362,7 +363,60 @@ def default_sizing(config: IndexConfig, resources: dict[str, float], can_add_nod
         "batch_size": batch_size,
         "decode_in_actor": decode_in_actor,
         "read_concurrency": None if decode_in_actor else (config.read_concurrency or read_cpus),
+        "actor_memory": actor_memory,
     }
+
+
+def cpu_pool(nodes: list[dict[str, float]], read_cpus: int, decode_tasks: int, actor_memory: int,
+             max_actors: int | None) -> tuple[int, int, int | None]:
+    """(actors, CPUs and torch threads each, memory each actor reserves) for CPU inference.
+
+    One single-threaded actor per core where each node's memory holds them: torch's threads wait
+    for each other at every operation, and an actor's fetch and decode are single-threaded, so
+    actors use the cores better than threads do (measured on 2 cores: the 765-image corpus x5 in
+    86 s of processing with two 1-thread actors against 124 s with one 2-thread actor). Where a
+    node's memory (Ray's ``memory`` resource, less what its share of the ``decode_tasks`` reserves) holds
+    fewer actors than it has cores, every actor gets more threads, so that on each node (Ray places
+    actors by their CPUs) the actors that fit its cores also fit its memory. Nodes without CPUs (a
+    KubeRay head) take no actor. Each actor reserves its estimated memory, so Ray keeps actors off
+    a node too small for one; where no node is known to hold one, one actor runs and reserves
+    nothing. ``max_actors`` alone caps the pool: fewer, wider actors."""
+    cpu_nodes = [n for n in nodes if int(n.get("CPU", 0)) >= 1]
+    if not cpu_nodes:
+        return 1, 1, None
+    total_cpus = sum(int(n["CPU"]) for n in cpu_nodes)
+    infer_cpus = max(1, total_cpus - read_cpus)
+    threads, known, fits_somewhere = 1, False, False
+    for node in cpu_nodes:
+        if node.get("memory") is None:
+            continue
+        known = True
+        # This node's cores for inference (decode tasks take their share) and the actors its memory holds.
+        cores = max(1, round(int(node["CPU"]) * infer_cpus / total_cpus))
+        decode_share = decode_tasks * int(node["CPU"]) / total_cpus * DECODE_TASK_MEMORY
+        fit = int(max(0.0, float(node["memory"]) - decode_share) // actor_memory)
+        if fit >= 1:
+            fits_somewhere = True
+            # The fewest threads each for which the actors its cores take (cores // threads) fit.
+            threads = max(threads, cores // (fit + 1) + 1)
+    widest = max(int(n["CPU"]) for n in cpu_nodes)
+    if known and not fits_somewhere:
+        # No node is known to hold even one actor: one actor, on the largest node's cores.
+        return 1, min(widest, infer_cpus), None
+    reserve = actor_memory if known else None
+
+    def placeable(width: int) -> int:
+        nodes_hold = sum(int(n["CPU"]) // width for n in cpu_nodes
+                         if reserve is None or float(n.get("memory") or 0) >= reserve)
+        return min(nodes_hold, infer_cpus // width)
+
+    if max_actors:
+        while threads < widest and placeable(threads + 1) >= max_actors:
+            threads += 1
+    num_actors = max(1, placeable(threads))
+    if max_actors:
+        num_actors = min(num_actors, max_actors)
+    return num_actors, threads, reserve
 
 
 def initial_pool_size(sizing: dict[str, Any], wave: int, cluster_gpus: float) -> int:
@@ -427,6 +481,7 @@ def _inference_dataset(ds, config: IndexConfig, sizing: dict[str, Any], endpoint
         compute=ray.data.ActorPoolStrategy(**pool),
         num_cpus=sizing["actor_cpus"],
         num_gpus=sizing["num_gpus"],
+        **({"memory": sizing["actor_memory"]} if sizing.get("actor_memory") else {}),
     )
     return ds
 
@@ -489,7 +544,8 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
         ray.init(**{k: v for k, v in init_kwargs.items() if v is not None})
     # After ray.init: the processes Ray starts must not inherit the filter's pipe.
     on_exit.callback(raylogs.StderrLineFilter().close)
-    sizing = default_sizing(config, ray.cluster_resources(), can_add_nodes=joined_cluster)
+    sizing = default_sizing(config, ray.cluster_resources(), can_add_nodes=joined_cluster,
+                            nodes=[node["Resources"] for node in ray.nodes() if node.get("Alive")])
 
     import ray.data
 

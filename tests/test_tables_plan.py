@@ -322,30 +322,43 @@ def test_unlistable_sources_fail_fast(tmp_path, s3_server):
 
 
 def test_default_sizing_follows_the_cluster():
-    from facebatch.pipeline import default_sizing
+    from facebatch.pipeline import cpu_actor_memory, default_sizing
 
     cfg = IndexConfig(source="/x", out="/y").validate()
-    # On CPU, one single-threaded actor per core while the cluster's memory holds them ...
+    # On CPU, one single-threaded actor per core while the node's memory holds them, each
+    # reserving its estimated memory (about 1.4 GB at batch 16 and max side 2048) ...
     cpu = default_sizing(cfg, {"CPU": 16, "memory": 64 * 2**30})
-    assert cpu["device"] == "cpu" and cpu["num_actors"] == 16 and cpu["actor_cpus"] == cpu["torch_threads"] == 1
+    assert cpu["device"] == "cpu" and cpu["num_actors"] == cpu["max_actors"] == 16
+    assert cpu["actor_cpus"] == cpu["torch_threads"] == 1 and cpu["actor_memory"] == cpu_actor_memory(16, 2048)
     assert cpu["decode_in_actor"] and cpu["batch_size"] == 16
-    # ... else fewer actors with more threads each: 7 GiB holds 5 actors at batch 16 and max side
-    # 2048 (about 1.4 GB each), so 16 cores make 4 actors of 4 threads; 8 GiB holds 6, which
-    # makes 5 actors of 3 threads.
-    def pool(config, resources):
-        sizing = default_sizing(config, resources)
+    assert 1.3e9 < cpu_actor_memory(16, 2048) < 1.5e9
+
+    def pool(config, resources, nodes=None, can_add_nodes=False):
+        sizing = default_sizing(config, resources, can_add_nodes=can_add_nodes, nodes=nodes)
         return sizing["num_actors"], sizing["actor_cpus"]
 
-    assert pool(cfg, {"CPU": 16, "memory": 7 * 2**30}) == (4, 4)
-    assert pool(cfg, {"CPU": 16, "memory": 8 * 2**30}) == (5, 3)
+    # ... else fewer actors with more threads each, the fewest threads for which the actors the
+    # cores take also fit the memory: 7 GiB holds 5 actors, so 16 cores make 5 actors of 3 threads.
+    assert pool(cfg, {"CPU": 16, "memory": 7 * 2**30}) == (5, 3)
+    assert pool(cfg, {"CPU": 10, "memory": 4 * 2**30}) == (3, 3)
     assert pool(cfg, {"CPU": 2, "memory": 20 * 2**30}) == (2, 1)
-    assert pool(cfg, {"CPU": 6, "memory": 6 * 2**30}) == (3, 2)  # 4 fit: 2 threads each, no core idle
-    assert pool(cfg, {"CPU": 8, "memory": 2**30}) == (1, 8)  # never none
+    # Memory known to hold no actor anywhere: one actor on all the cores, reserving nothing.
+    assert pool(cfg, {"CPU": 8, "memory": 2**30}) == (1, 8)
+    assert default_sizing(cfg, {"CPU": 8, "memory": 2**30})["actor_memory"] is None
     # Larger batches and images need more memory per actor, so fewer fit.
     big = IndexConfig(source="/x", out="/y", batch_size=64, max_side=4096).validate()
-    assert pool(big, {"CPU": 16, "memory": 64 * 2**30}) == (4, 4)
+    assert pool(big, {"CPU": 16, "memory": 64 * 2**30}) == (5, 3)
+    # Per node, as Ray places actors (by CPU): a KubeRay head with memory but no CPUs takes none
+    # and lends the worker none of its memory; a small head's memory keeps actors off it (they
+    # reserve memory), and two nodes too small for one actor get one, not one per core.
+    gib = 2**30
+    assert pool(cfg, {"CPU": 16, "memory": 72 * gib}, [{"memory": 64 * gib}, {"CPU": 16, "memory": 8 * gib}]) == (5, 3)
+    assert pool(cfg, {"CPU": 18, "memory": 65 * gib}, [{"CPU": 2, "memory": gib}, {"CPU": 16, "memory": 64 * gib}]) == (16, 1)
+    assert pool(cfg, {"CPU": 16, "memory": 2 * gib}, [{"CPU": 8, "memory": gib}, {"CPU": 8, "memory": gib}]) == (1, 8)
+    # With decode tasks, their cores and reserved memory come off first.
+    assert pool(IndexConfig(source="/x", out="/y", decode_tasks=True).validate(), {"CPU": 16, "memory": 7 * gib}) == (3, 4)
     # --num-actors decides, and the cores are shared among them.
-    assert pool(IndexConfig(source="/x", out="/y", num_actors=2).validate(), {"CPU": 16, "memory": 64 * 2**30}) == (2, 8)
+    assert pool(IndexConfig(source="/x", out="/y", num_actors=2).validate(), {"CPU": 16, "memory": 64 * gib}) == (2, 8)
     tasks = default_sizing(IndexConfig(source="/x", out="/y", decode_tasks=True).validate(), {"CPU": 2})
     # Never more CPUs asked than the cluster has: the decode task must still find a core.
     assert tasks["actor_cpus"] * tasks["num_actors"] + tasks["read_concurrency"] <= 2
@@ -376,9 +389,17 @@ def test_the_actor_pool_can_grow_with_the_cluster():
     # Joined a cluster that has no GPU node yet: the pending actor is what makes the autoscaler add one.
     sizing = default_sizing(scaling, {"CPU": 4}, can_add_nodes=True)
     assert (sizing["num_actors"], sizing["max_actors"], sizing["num_gpus"]) == (1, 4, 1)
-    # On CPU, --max-actors alone caps the default pool (which then has nothing to grow into).
-    capped = default_sizing(IndexConfig(source="/x", out="/y", max_actors=3).validate(), {"CPU": 4})
-    assert (capped["num_actors"], capped["max_actors"], capped["actor_cpus"]) == (2, 3, 2)
+    # On CPU, --max-actors alone caps the default pool: fewer, wider actors, a fixed pool unless
+    # the cluster can add nodes for more.
+    def cpu_pool(max_actors, cpus, can_add_nodes=False):
+        sizing = default_sizing(IndexConfig(source="/x", out="/y", max_actors=max_actors).validate(),
+                                {"CPU": cpus, "memory": 64 * 2**30}, can_add_nodes=can_add_nodes)
+        return sizing["num_actors"], sizing["max_actors"], sizing["actor_cpus"]
+
+    assert cpu_pool(3, 4) == (3, 3, 1)
+    assert cpu_pool(5, 16) == (5, 5, 3)
+    assert cpu_pool(5, 2) == (2, 2, 1)
+    assert cpu_pool(5, 2, can_add_nodes=True) == (2, 5, 1)
     with pytest.raises(ConfigError, match="below --num-actors"):
         IndexConfig(source="/x", out="/y", num_actors=4, max_actors=2).validate()
 

@@ -16,7 +16,8 @@
      detection:  facenet-pytorch MTCNN.detect, one image at a time (its defaults: min face 20,
                  thresholds 0.6/0.7/0.7, factor 0.709); facebatch MTCNNDetector at batch 1 and
                  32 (the same parameters, full resolution); the `facebatch detect` command
-                 (whole process: start-up, reading and decoding the files included);
+                 (whole process: start-up, reading and decoding the files included), in one
+                 process on the threads and in one single-threaded worker process per thread;
      min face 40: facenet-pytorch and facebatch's detector (batch 32) both at min face 40, the
                  setting that trades the faces under 40 px for about 2.5x less time (measured with
                  recall and precision by bench/detector_tradeoffs.py);
@@ -64,6 +65,9 @@ MEASUREMENTS = [
     ("facebatch-detect-32", "detection", "facebatch detector, batch 32", "facebatch-detect", 32, "facebatch", 20),
     ("facebatch-command", "detection", "`facebatch detect` command, batch 32 (start-up + file decoding included)", None, 32,
      "facebatch", 20),
+    ("facebatch-command-workers", "detection",
+     "`facebatch detect` command, one 1-thread worker process per thread (its CPU default; start-up + decoding included)",
+     None, 32, "facebatch", 20),
     ("facenet-40", "detection-40", "facenet-pytorch 2.5.3 MTCNN, min face 40", "facenet", 1, "peers", 40),
     ("facebatch-detect-32-40", "detection-40", "facebatch detector, batch 32, min face 40", "facebatch-detect", 32,
      "facebatch", 40),
@@ -174,10 +178,12 @@ def run_worker(python: Path, task: str, npz: Path, args, batch_size: int, faceba
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_command(files: list[Path], args, batch_size: int) -> dict:
-    """`facebatch detect` over the files, timed as a whole process (start-up and decoding included)."""
+def run_command(files: list[Path], args, batch_size: int, workers: bool = False) -> dict:
+    """`facebatch detect` over the files, timed as a whole process (start-up and decoding included):
+    in one process on --threads threads, or (workers) in --threads single-threaded worker processes."""
+    threading = ["--workers", str(args.threads), "--threads", "1"] if workers else ["--threads", str(args.threads)]
     cmd = [sys.executable, "-m", "facebatch.cli", "detect", *map(str, files), "--device", "cpu",
-           "--threads", str(args.threads), "--batch-size", str(batch_size)]
+           *threading, "--batch-size", str(batch_size)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=thread_env(args.threads, True), capture_output=True, text=True)
@@ -255,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
             for key, group, label, task, batch_size, venv, min_face_size in chosen:
                 print(f"  {label} ...", end="", flush=True)
                 if task is None:
-                    result = run_command(files, args, batch_size)
+                    result = run_command(files, args, batch_size, workers=key.endswith("-workers"))
                 else:
                     result = run_worker(python if venv == "peers" else Path(sys.executable), task, npz, args, batch_size,
                                         facebatch=venv == "facebatch", min_face_size=min_face_size)

@@ -88,61 +88,133 @@ def run_index_command(args: argparse.Namespace) -> int:
     return 0
 
 
+class FileDetector:
+    """Reads, decodes and analyses image files a batch at a time, for `facebatch detect`: in the
+    command's own process, or in each of its worker processes."""
+
+    def __init__(self, device: str, detector_params: dict, embed: bool, threads: int | None,
+                 max_pixels: int, max_side: int | None):
+        import torch
+
+        from .inference import FaceAnalyzer
+
+        if threads:
+            torch.set_num_threads(threads)
+            import cv2
+
+            cv2.setNumThreads(threads)
+        self.analyzer = FaceAnalyzer(device=device, detector_params=DetectorParams(**detector_params), embed=embed)
+        self.max_pixels, self.max_side = max_pixels, max_side
+
+    def __call__(self, paths: list[str]) -> list[dict]:
+        """One JSON-ready entry per path, in order; a file that cannot be read or decoded gets its error."""
+        from .decode import DecodeError, decode_image
+
+        entries: list[dict] = []
+        images = []
+        for path in paths:
+            entry = {"path": path, "width": None, "height": None, "faces": [], "error": None}
+            entries.append(entry)
+            try:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+                img = decode_image(data, max_pixels=self.max_pixels, max_side=self.max_side)
+            except DecodeError as exc:
+                entry["error"] = f"{exc.status}: {exc.message}"
+                continue
+            except OSError as exc:
+                entry["error"] = f"unreadable: {exc.strerror or exc}"
+                continue
+            entry["width"], entry["height"] = img.width, img.height
+            images.append((entry, img))
+        if images:
+            results = self.analyzer.analyze([img.rgb for _, img in images], [img.scale for _, img in images])
+            for (entry, _), res in zip(images, results):
+                for k in range(len(res)):
+                    face = {
+                        "box": [round(float(v), 2) for v in res.boxes[k]],
+                        "score": round(float(res.scores[k]), 6),
+                        "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in res.landmarks[k]],
+                    }
+                    if res.embeddings is not None:
+                        face["embedding"] = [round(float(v), 6) for v in res.embeddings[k]]
+                    entry["faces"].append(face)
+        return entries
+
+
+_WORKER_DETECTOR: FileDetector | None = None
+
+
+def _start_detect_worker(kwargs: dict) -> None:
+    global _WORKER_DETECTOR
+    _WORKER_DETECTOR = FileDetector(**kwargs)
+
+
+def _detect_in_worker(paths: list[str]) -> list[dict]:
+    return _WORKER_DETECTOR(paths)
+
+
+def detect_workers(args: argparse.Namespace, batches: int) -> int:
+    """How many processes `detect` runs: --workers, else on CPU one single-threaded process per
+    core (torch's threads wait for each other at every operation, and decoding is single-threaded:
+    processes use the cores better), but no more than there are batches, and none besides the
+    command's own for a single batch or when --threads or a GPU is asked for."""
+    if args.workers:
+        return min(args.workers, max(1, batches))
+    if args.threads or args.device not in ("cpu", "auto") or batches < 2:
+        return 1
+    # "auto" means CUDA where there is a GPU; without an NVIDIA driver there is none, and then this
+    # process need not import torch (2-3 CPU-seconds the workers would wait for) to find out.
+    if args.device == "auto" and os.path.exists("/proc/driver/nvidia/version"):
+        import torch
+
+        if torch.cuda.is_available():
+            return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, batches)
+
+
 def run_detect_command(args: argparse.Namespace) -> int:
-    import torch
-
-    from .decode import DecodeError, decode_image
-    from .inference import FaceAnalyzer
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     params = detector_params_from_args(args)
     params.validate()
-    analyzer = FaceAnalyzer(device=args.device, detector_params=params, embed=args.embed)
+    batches = [args.paths[i : i + args.batch_size] for i in range(0, len(args.paths), args.batch_size)]
+    workers = detect_workers(args, len(batches))
+    if workers > 1:
+        # Smaller batches (at least 4 per worker) keep the workers evenly loaded to the end: the
+        # batch size barely changes the detector's speed, a last worker busy alone does.
+        size = max(1, min(args.batch_size, -(-len(args.paths) // (4 * workers))))
+        batches = [args.paths[i : i + size] for i in range(0, len(args.paths), size)]
+    threads = args.threads or (1 if workers > 1 else None)
+    detector_kwargs = {"device": args.device, "detector_params": dataclasses.asdict(params), "embed": args.embed,
+                       "threads": threads, "max_pixels": args.max_pixels, "max_side": args.max_side}
+    answered = 0  # files that decoded as images (whatever faces they hold)
 
-    def emit(path: str, result: dict) -> None:
-        sys.stdout.write(json.dumps(result) + "\n")
+    def emit(entries: list[dict]) -> None:
+        nonlocal answered
+        for entry in entries:
+            sys.stdout.write(json.dumps(entry) + "\n")
+            answered += entry["error"] is None
         sys.stdout.flush()
 
-    pending: list[tuple[str, object]] = []
+    if workers == 1:
+        detector = FileDetector(**detector_kwargs)
+        for batch in batches:
+            emit(detector(batch))
+    else:
+        import concurrent.futures
+        import multiprocessing
 
-    def flush() -> None:
-        if not pending:
-            return
-        faces = analyzer.analyze([img.rgb for _, img in pending], [img.scale for _, img in pending])
-        for (path, img), res in zip(pending, faces):
-            entry = {"path": path, "width": img.width, "height": img.height, "faces": [], "error": None}
-            for k in range(len(res)):
-                face = {
-                    "box": [round(float(v), 2) for v in res.boxes[k]],
-                    "score": round(float(res.scores[k]), 6),
-                    "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in res.landmarks[k]],
-                }
-                if res.embeddings is not None:
-                    face["embedding"] = [round(float(v), 6) for v in res.embeddings[k]]
-                entry["faces"].append(face)
-            emit(path, entry)
-        pending.clear()
-
-    answered = 0  # files that decoded as images (whatever faces they hold)
-    for path in args.paths:
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-            img = decode_image(data, max_pixels=args.max_pixels, max_side=args.max_side)
-        except DecodeError as exc:
-            flush()
-            emit(path, {"path": path, "width": None, "height": None, "faces": [], "error": f"{exc.status}: {exc.message}"})
-            continue
-        except OSError as exc:
-            flush()
-            emit(path, {"path": path, "width": None, "height": None, "faces": [], "error": f"unreadable: {exc.strerror or exc}"})
-            continue
-        pending.append((path, img))
-        answered += 1
-        if len(pending) >= args.batch_size:
-            flush()
-    flush()
+        # Spawned, not forked: a forked child would inherit torch's thread pools half set up.
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_start_detect_worker,
+                                                    initargs=(detector_kwargs,)) as pool:
+            try:
+                for entries in pool.map(_detect_in_worker, batches):  # in the files' order
+                    emit(entries)
+            except concurrent.futures.process.BrokenProcessPool as exc:
+                print(f"facebatch detect: a worker process died ({exc}); if the system killed it for memory, "
+                      f"use fewer --workers or a smaller --batch-size / --max-side", file=sys.stderr)
+                return 1
     if not answered:
         print(f"facebatch detect: none of the {len(args.paths)} input(s) could be read as an image", file=sys.stderr)
         return 1
@@ -311,7 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--batch-size", type=positive_int, default=8)
     detect.add_argument("--max-pixels", type=positive_int, default=100_000_000)
     detect.add_argument("--max-side", type=positive_int, default=None, help="decode at most this long side (default: full resolution)")
-    detect.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    detect.add_argument("--threads", type=positive_int, help="torch CPU threads (per worker process)")
+    detect.add_argument("--workers", type=positive_int,
+                        help="worker processes, each reading, decoding and analysing whole batches (default on CPU: "
+                             "one single-threaded process per core, as many as there are batches; 1 with --threads or a GPU)")
     add_detector_options(detect)
     detect.set_defaults(func=run_detect_command)
 

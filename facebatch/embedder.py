@@ -51,14 +51,14 @@ from facebatch.alignment import CHIP_SIZE, MTCNN_TEMPLATE, align_faces
 from facebatch.dlib_model import DlibResNet, load_dlib_resnet
 from facebatch import gpumem
 from facebatch.models import disable_tf32, resolve_device
+# The same-person cosine threshold of flip-averaged embeddings (module docstring), defined with the
+# tables' contract so that reading it needs no torch.
+from facebatch.tables import COSINE_THRESHOLD
 from facebatch.versions import EMBEDDER_CODE_VERSION  # noqa: F401  (bump it there with any result-changing change here)
 
 __all__ = ["COSINE_THRESHOLD", "EMBEDDING_DIM", "FaceEmbedder", "resolve_device"]
 
 EMBEDDING_DIM = 128
-# Cosine similarity of flip-averaged embeddings; calibrated on the shared verification pairs
-# (module docstring, bench/eval_pairs.py).
-COSINE_THRESHOLD = 0.936
 
 _AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -51,8 +51,7 @@ from . import storage, swap
 from .config import ConfigError
 from .out import Heartbeat, Out, fault_point
 from .recovery import recover_staging
-from .tables import EMBEDDING_DIM, FACE_PEOPLE_SCHEMA, PEOPLE_SCHEMA
-from .embedder import COSINE_THRESHOLD
+from .tables import COSINE_THRESHOLD, EMBEDDING_DIM, FACE_PEOPLE_SCHEMA, PEOPLE_SCHEMA
 
 log = logging.getLogger("facebatch.people")
 

@@ -14,6 +14,10 @@ from __future__ import annotations
 import pyarrow as pa
 
 EMBEDDING_DIM = 128
+# Cosine similarity of two flip-averaged embeddings above which they are the same person;
+# calibrated on the shared verification pairs (facebatch/embedder.py's docstring,
+# bench/eval_pairs.py). Here, with the table contract, so that reading it needs no torch.
+COSINE_THRESHOLD = 0.936
 
 IMAGE_STATUSES = ("ok", "not_image", "unsupported_format", "corrupt", "truncated", "too_large", "fetch_failed", "failed")
 

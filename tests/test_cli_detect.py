@@ -62,12 +62,52 @@ def test_detect_embed_adds_a_unit_embedding(photos):
     assert float(np.dot(a, b)) > 0.95  # the same face, rotated back by EXIF
 
 
+def test_detect_in_worker_processes_prints_what_one_process_prints(photos):
+    """Worker processes (one single-threaded process per core by default on CPU) read, decode and
+    analyse whole batches; the output keeps the files' order, errors included, and the same faces."""
+    names = ("upright.jpg", "broken.jpg", "sideways.jpg", "blank.png", "missing.jpg")
+    files = [str(photos / n) for n in names] * 3
+    outputs = {}
+    for workers in ("1", "2"):
+        run = detect(*files, "--batch-size", "2", "--workers", workers)
+        assert run.returncode == 0, run.stderr[-3000:]
+        outputs[workers] = [json.loads(line) for line in run.stdout.splitlines()]
+    one, two = outputs["1"], outputs["2"]
+    assert [line["path"] for line in two] == files
+    for a, b in zip(one, two):
+        assert (a["error"], a["width"], a["height"], len(a["faces"])) == (b["error"], b["width"], b["height"], len(b["faces"]))
+        for fa, fb in zip(a["faces"], b["faces"]):
+            # Other batch sizes move results by float rounding only.
+            assert np.allclose(fa["box"], fb["box"], atol=0.05) and abs(fa["score"] - fb["score"]) < 1e-4
+    assert sum(len(line["faces"]) for line in two) == 6  # the astronaut in both orientations, three times
+
+
+def test_detect_worker_count():
+    import argparse
+
+    from facebatch.cli import detect_workers
+
+    def workers(batches, **options):
+        args = argparse.Namespace(**{"workers": None, "threads": None, "device": "cpu", **options})
+        return detect_workers(args, batches)
+
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert workers(1) == 1  # one batch: no process to start
+    assert workers(100) == cores and workers(2) == min(cores, 2)
+    assert workers(100, threads=2) == 1  # --threads: the command's own process, with that many threads
+    assert workers(100, device="cuda") == 1
+    assert workers(100, workers=3) == 3 and workers(2, workers=3) == 2  # never more than batches
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--thresholds", "0.6,0.7"], "three comma-separated numbers"),
         (["--min-face-size", "5"], "min_face_size must be an integer >= 12"),
         (["--batch-size", "0"], "expected a positive integer"),
+        (["--workers", "0"], "expected a positive integer"),
     ],
 )
 def test_detect_bad_arguments_fail_fast(photos, args, message):

@@ -429,6 +429,17 @@ def initial_pool_size(sizing: dict[str, Any], wave: int, cluster_gpus: float) ->
     return low
 
 
+def sizing_for_batches(sizing: dict[str, Any], batches: int) -> dict[str, Any]:
+    """The pool for a wave of this many batches: never more actors than batches. Each input block is
+    one actor call, so a further actor would only start (import torch, load the models, reserve its
+    memory) and wait; and on an autoscaling cluster each pending GPU actor can bring up a node, which
+    a nightly run of a few new photos must not pay for."""
+    cap = max(1, batches)
+    if sizing["num_actors"] <= cap and sizing["max_actors"] <= cap:
+        return sizing
+    return {**sizing, "num_actors": min(sizing["num_actors"], cap), "max_actors": min(sizing["max_actors"], cap)}
+
+
 def _inference_dataset(ds, config: IndexConfig, sizing: dict[str, Any], endpoint: str | None, wave: int = 1):
     """A wave's input dataset through decoding (where separate tasks decode) and the inference actors."""
     import ray
@@ -580,7 +591,8 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
             waves += 1
             if total_waves > 1:
                 log.info("input wave %d/%d: %d batches", waves, total_waves, len(blocks))
-            ds = _inference_dataset(input_dataset(blocks), config, sizing, endpoint, wave=waves)
+            ds = _inference_dataset(input_dataset(blocks), config, sizing_for_batches(sizing, len(blocks)), endpoint,
+                                    wave=waves)
             del blocks  # the dataset holds them now
             # No prefetch: Ray Data's executor runs ahead on its own, and a prefetching iterator holds
             # the first results back until more batches are done (measured: +7 s to the first

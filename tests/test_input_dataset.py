@@ -133,6 +133,20 @@ def test_block_count_matches_the_plans_batches(tmp_path, todo, rows, first_rows)
     assert pipeline.input_blocks(todo, rows, first_rows) == len(batches)
 
 
+@pytest.mark.parametrize("low, high, batches, expected", [
+    (16, 16, 1, (1, 1)),    # a nightly run of a few photos: one actor, not one per core
+    (16, 16, 2, (2, 2)),
+    (2, 2, 100, (2, 2)),    # enough batches: the pool as sized
+    (1, 8, 3, (1, 3)),      # an autoscaling pool grows no further than there are batches
+    (4, 8, 0, (1, 1)),
+])
+def test_a_wave_never_starts_more_actors_than_it_has_batches(low, high, batches, expected):
+    sizing = {"device": "cuda", "num_actors": low, "max_actors": high, "actors_per_gpu": 1, "actor_cpus": 1}
+    capped = pipeline.sizing_for_batches(sizing, batches)
+    assert (capped["num_actors"], capped["max_actors"]) == expected
+    assert capped["actor_cpus"] == 1 and sizing["num_actors"] == low  # the run's sizing is left as it was
+
+
 @pytest.mark.parametrize("device, low, high, per_gpu, wave, gpus, expected", [
     ("cuda", 1, 8, 1, 1, 6, 1),    # the first wave starts at the minimum and lets the autoscaler add nodes
     ("cuda", 1, 8, 1, 2, 6, 6),    # later waves start on the GPUs the earlier ones scaled up to

@@ -94,15 +94,11 @@ class FileDetector:
 
     def __init__(self, device: str, detector_params: dict, embed: bool, threads: int | None,
                  max_pixels: int, max_side: int | None):
-        import torch
-
         from .inference import FaceAnalyzer
+        from .models import set_cpu_threads
 
         if threads:
-            torch.set_num_threads(threads)
-            import cv2
-
-            cv2.setNumThreads(threads)
+            set_cpu_threads(threads)
         self.analyzer = FaceAnalyzer(device=device, detector_params=DetectorParams(**detector_params), embed=embed)
         self.max_pixels, self.max_side = max_pixels, max_side
 

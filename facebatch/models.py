@@ -110,6 +110,17 @@ def resolve_device(device=None):
     return dev
 
 
+def set_cpu_threads(threads: int) -> None:
+    """Run torch's CPU kernels, and OpenCV's (decoding, resizing, alignment warps), on this many
+    threads: OpenCV has its own pool, sized to all of the machine's cores by default, which would
+    compete with torch's threads for the process's cores."""
+    import cv2
+    import torch
+
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+
+
 def disable_tf32() -> None:
     """Turn TF32 off for cuBLAS matmuls and cuDNN convolutions (process-wide torch settings).
 

@@ -42,11 +42,12 @@ DECODE_TASK_MEMORY = 512 * 1024 * 1024
 
 
 def cpu_actor_memory(batch_size: int, max_side: int) -> int:
-    """A generous estimate of a CPU inference actor's peak memory, used to decide how many actors a
-    cluster's memory holds: torch, the models and their buffers (about 0.7 GiB), plus about 10 bytes
-    per pixel of a batch of images at the --max-side bound (decoded RGB, the pyramid, P-Net's
-    activations). Measured: 1.32-1.35 GB peak RSS per actor at batch 16 and max side 2048, against
-    1.37 GB estimated for the square bound."""
+    """An estimate of a CPU inference actor's peak memory, used to decide how many actors a node's
+    memory holds: torch, the models and their buffers (about 0.7 GiB), plus about 10 bytes per pixel
+    of a batch of images at the --max-side bound (decoded RGB, the pyramid, P-Net's activations).
+    Measured: 1,319-1,346 MiB peak RSS per actor at batch 16 and max side 2048 on the corpus photos,
+    against 1,340 MiB (1.4 GB) estimated for the square bound; the RSS counts shared libraries
+    in full, so the estimate is about what an actor really adds."""
     return 700 * 2**20 + batch_size * max_side * max_side * 10
 
 
@@ -143,12 +144,7 @@ class FaceModelActor:
         from .inference import FaceAnalyzer
 
         if torch_threads:
-            torch.set_num_threads(torch_threads)
-            # OpenCV (decoding, resizing, alignment warps) has its own pool, sized to all of the
-            # machine's cores by default: it would compete with torch's threads for this actor's.
-            import cv2
-
-            cv2.setNumThreads(torch_threads)
+            models.set_cpu_threads(torch_threads)
         params = DetectorParams(
             min_face_size=detector_params["min_face_size"],
             thresholds=tuple(detector_params["thresholds"]),

@@ -19,6 +19,8 @@ They run on the calling thread: split over two threads they measured no faster o
 (torch's OpenMP threads still spin on the second core after each convolution). Compiled code
 is cached next to this file (or in NUMBA_CACHE_DIR, or the user's cache directory), so a worker
 pays the compilation once per machine, not once per process; see `_jit` for read-only installs.
+Even from that cache, numba's import and first call cost about 1.2 CPU-seconds per process, so
+the detector uses these loops from its second call on (see `MTCNNDetector.detect`).
 """
 
 from __future__ import annotations

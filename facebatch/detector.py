@@ -347,7 +347,9 @@ class _IntegralImages:
     """
 
     def __init__(self, images: list, device: torch.device, workspace: "_Workspace", on_device: bool = False,
-                 uploads: UploadCounter | None = None):
+                 uploads: UploadCounter | None = None, compiled: bool = True):
+        """compiled: sample host integrals with `area_kernels` (else with the torch
+        expressions, the same numbers; see MTCNNDetector.detect)."""
         import cv2
 
         sizes = [(int(im.shape[0]) + 1) * (int(im.shape[1]) + 1) * 3 for im in images]
@@ -390,6 +392,7 @@ class _IntegralImages:
         self.device = device
         self.workspace = workspace
         self.on_device = on_device
+        self.compiled = compiled and not on_device
 
     def image_view(self, i: int) -> torch.Tensor:
         h, w = self.shapes[i]
@@ -450,7 +453,7 @@ class _IntegralImages:
         (used for the R-/O-Net crops of all images at once); on the host, one compiled loop
         (`area_kernels.area_boxes`), the same numbers."""
         dev = self.device
-        if not self.on_device:
+        if self.compiled:
             from .area_kernels import area_boxes
 
             n, n_r, n_c = rs.shape[0], rs.shape[1], cs.shape[1]
@@ -906,6 +909,8 @@ class MTCNNDetector:
         self._onet_fast = self.onet.to(memory_format=torch.channels_last)
         self._workspace = _Workspace()
         self._lock = threading.Lock()
+        self._calls = 0  # detect() calls so far (see detect: which sampler)
+        self._compiled_samplers = False
         #: Seconds per stage of the last detect() call (on CUDA only when time_stages is
         #: set, because timing needs a synchronisation per stage).
         self.last_stage_seconds: dict[str, float] = {}
@@ -955,6 +960,14 @@ class MTCNNDetector:
                     arrays[i] = cv2.resize(im, (nw, nh), interpolation=cv2.INTER_AREA)
                     back_scale[i] = (w / nw, h / nh)
         with self._lock, torch.inference_mode():
+            # The CPU's compiled samplers (area_kernels) from the second call on: setting numba up
+            # costs about 1.2 CPU-seconds per process even with its machine code cached, which
+            # made the first call (a run's first results, a command's only batch) 0.5-2 s slower
+            # (measured: the first 4 corpus photos on one thread in 1.06-2.82 s, 0.45-0.59 s with
+            # the torch expressions, which give the same float32 bits); from then on they save
+            # 13-28% of the detector's time (a warm pass over the 153 corpus photos on one thread).
+            self._compiled_samplers = self._calls > 0
+            self._calls += 1
             self.last_stage_seconds = {}
             self.last_calls = {"groups": 0, "pnet": 0, "rnet": 0, "onet": 0, "uploads": 0}
             uploads_before = self._uploads.count
@@ -1044,7 +1057,8 @@ class MTCNNDetector:
             "h": np.array(level_h, np.int64),
             "w": np.array(level_w, np.int64),
         }
-        integral = _IntegralImages(images, dev, self._workspace, on_device=self._gpu_planning, uploads=self._uploads)
+        integral = _IntegralImages(images, dev, self._workspace, on_device=self._gpu_planning, uploads=self._uploads,
+                                   compiled=self._compiled_samplers)
         left = self._left_after_integral(budget, integral)
         img_h, img_w = integral.heights_t, integral.widths_t
         self._mark("integral")
@@ -1180,7 +1194,7 @@ class MTCNNDetector:
                     p = int(p)
                     y, x = int(pieces.y[p]), int(pieces.x[p])
                     image = int(levels["image"][pieces.level[p]])
-                    if integral.on_device:
+                    if not integral.compiled:
                         h, w = int(pieces.height[p]), int(pieces.width[p])
                         integral.sample_grid(image, tables.bins[p], batch[k, y : y + h, x : x + w], chunk_elems)
                     else:

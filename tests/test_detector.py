@@ -437,7 +437,8 @@ def test_area_kernels_compile_where_no_cache_directory_can_be_written():
         "import numpy as np\n"
         "from facebatch.detector import MTCNNDetector\n"
         "rng = np.random.default_rng(0)\n"
-        "found = MTCNNDetector().detect([rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)])\n"
+        "detector, image = MTCNNDetector(), rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)\n"
+        "found = detector.detect([image]) + detector.detect([image])  # the second call compiles\n"
         "import facebatch.area_kernels as k\n"
         "print(len(found), k.area_grid._cache.__class__.__name__, len(k.area_boxes.signatures))\n"
     )
@@ -446,3 +447,31 @@ def test_area_kernels_compile_where_no_cache_directory_can_be_written():
     assert result.returncode == 0, result.stderr[-2000:]
     count, cache_kind, box_signatures = result.stdout.split()
     assert cache_kind == "NullCache" and int(box_signatures) == 1
+
+
+def test_the_first_call_samples_with_torch_and_later_ones_compiled_with_the_same_results():
+    """A process's first detect() call spares numba's set-up (about a CPU-second) and samples with
+    the torch expressions; later calls use the compiled loops. The detections are the same bits."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from skimage import data\n"
+        "from facebatch.detector import MTCNNDetector\n"
+        "image = data.astronaut()\n"
+        "detector = MTCNNDetector()\n"
+        "first = detector.detect([image, image[::2, ::2]])\n"
+        "print('numba' in sys.modules)\n"
+        "second = detector.detect([image, image[::2, ::2]])\n"
+        "print('numba' in sys.modules)\n"
+        "same = all(np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)\n"
+        "           and np.array_equal(a.landmarks, b.landmarks) for a, b in zip(first, second))\n"
+        "print(same, sum(len(d) for d in first))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    numba_after_first, numba_after_second, same, faces = result.stdout.split()
+    assert (numba_after_first, numba_after_second) == ("False", "True")
+    assert same == "True" and int(faces) >= 2

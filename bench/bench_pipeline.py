@@ -83,7 +83,8 @@ def bare_models(files: list[Path], batch_size: int, max_side: int, threads: int 
     analyzer = FaceAnalyzer(device="cpu")
     load_s = time.perf_counter() - t0
     decoded = [decode_image(p.read_bytes(), max_side=max_side) for p in files]
-    analyzer.analyze([decoded[0].rgb], [decoded[0].scale])  # warm-up
+    for _ in range(2):  # warm-up: the detector's second call sets up its compiled samplers
+        analyzer.analyze([decoded[0].rgb], [decoded[0].scale])
     if ready is not None:
         ready.wait()  # all processes start timing together
     times = StageTimes()

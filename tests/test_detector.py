@@ -450,7 +450,7 @@ def test_area_kernels_compile_where_no_cache_directory_can_be_written():
 
 
 def test_the_first_call_samples_with_torch_and_later_ones_compiled_with_the_same_results():
-    """A process's first detect() call spares numba's set-up (about a CPU-second) and samples with
+    """A detector's first detect() call spares numba's set-up (about a CPU-second) and samples with
     the torch expressions; later calls use the compiled loops. The detections are the same bits."""
     import subprocess
     import sys

@@ -27,8 +27,9 @@
                  (dlib's HOG window is 80 px, so with its one upsampling it finds faces from
                  about 40 px: the second row covers about the same face sizes).
    Each measurement loads its models (not timed), runs two warm-up passes over the first --warmup
-   images (facebatch's detector sets up its compiled samplers at its second call), then the timed pass over all of them (--rounds N: every row N times, the rows
-   interleaved, the fastest kept). CPU s is the process's CPU time over the timed pass, all
+   images (facebatch's detector sets up its compiled samplers at its second call), then the
+   timed pass over all of them (--rounds N: every row N times, the rows interleaved, the fastest
+   kept). CPU s is the process's CPU time over the timed pass, all
    threads (for the command: the whole process). The ratio is facenet-pytorch's seconds over
    the row's (detection rows) or dlib's pipeline's over the row's (pipeline rows): a ratio
    within one run, which is what stays meaningful on a machine whose speed drifts; the min face 40

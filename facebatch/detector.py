@@ -962,10 +962,9 @@ class MTCNNDetector:
         with self._lock, torch.inference_mode():
             # The CPU's compiled samplers (area_kernels) from the second call on: setting numba up
             # costs about 1.2 CPU-seconds per process even with its machine code cached, which
-            # made the first call (a run's first results, a command's only batch) 0.5-2.4 s slower
-            # (measured: the first 4 corpus photos on one thread in 1.06-2.82 s, 0.45-0.59 s with
-            # the torch expressions, which give the same float32 bits); from then on they save
-            # 13-28% of the detector's time (a warm pass over the 153 corpus photos on one thread).
+            # made the first call (a run's first results, a command's only batch) slower; the
+            # torch expressions give the same float32 bits, and the compiled loops are faster for
+            # every later call (bench/bench_first_call.py, figures in the README).
             self._compiled_samplers = self._calls > 0
             self._calls += 1
             self.last_stage_seconds = {}

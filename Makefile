@@ -18,8 +18,13 @@ $(BIN)/facebatch: pyproject.toml
 run: $(BIN)/facebatch
 	$(BIN)/facebatch demo
 
+# Two pytest workers, each taking whole test files (their module fixtures: one S3 server, one Ray
+# instance): much of the suite waits on subprocesses, servers and S3 retry back-off, so two
+# workers finish sooner even on 2 cores. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+
 test: $(BIN)/facebatch
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(BIN)/facebatch
 	$(BIN)/python bench/bench_detector.py

@@ -205,7 +205,9 @@ def test_knn_distributed_equals_knn():
     ray = pytest.importorskip("ray")
     emb, _, _ = generate(3000, seed=4)
     q = emb[:500] * 1.0
-    ray.init(num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()  # (another test file's Ray may already run in this process)
+    if started:
+        ray.init(num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False)
     try:
         for exact in (True, False):
             index = C.build_search_index(emb, exact=exact)
@@ -216,7 +218,8 @@ def test_knn_distributed_equals_knn():
         sd, idd = C.knn_distributed(emb, 4, q, exact=True, block_rows=128)
         assert (i == idd).all() and np.allclose(s, sd)
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
 
 
 def test_knn_rows_only_searches_rows():

@@ -11,9 +11,8 @@ from facebatch.plan import Plan
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray instance for this module only. Not the session-wide ray_local: a Ray instance
-    left running in the pytest process dies with it when a later test's `ray stop --force`
-    (tests/test_job_submit.py) stops every Ray process on the machine."""
+    """A local Ray instance for this module only (or the one another test file left running in this
+    process), not the session-wide ray_local: the processes it started end with the module."""
     import ray
 
     started = not ray.is_initialized()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,15 +23,17 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    temp_dir = tmp_path_factory.mktemp("ray")
-    port, dashboard_port = free_port(), free_port()
+def ray_head():
+    # Ray's sockets live under --temp-dir, and an AF_UNIX path may not exceed 107 bytes: pytest's
+    # tmp paths (longer still under pytest-xdist's per-worker folders) are too deep for that.
+    temp_dir = Path(tempfile.mkdtemp(prefix="fb-ray-"))
+    port, dashboard_port, client_port = free_port(), free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     start = subprocess.run(
         [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
          f"--object-store-memory={300 * 1024 * 1024}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=180,
     )
     assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-4000:]
@@ -43,7 +48,31 @@ def ray_head(tmp_path_factory):
             time.sleep(2)
         yield address, env
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_started_in(temp_dir, port)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_ray_started_in(temp_dir: Path, gcs_port: int) -> None:
+    """Stop the Ray instance started with --temp-dir TEMP_DIR and --port GCS_PORT, and only it.
+    (`ray stop --force` ends every Ray process on the machine, including the Ray instances of tests
+    running beside this one.) Its head processes name the folder on their command lines and its
+    client server the GCS address; the agents and dashboard modules they started are their children."""
+    import psutil
+
+    def ours(args: list[str]) -> bool:
+        return any(str(temp_dir) in arg or arg.endswith(f":{gcs_port}") for arg in args)
+
+    me = psutil.Process()
+    mine = {me.pid, *(p.pid for p in me.parents())}
+    heads = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in mine and ours(p.info["cmdline"] or [])]
+    processes: dict[int, psutil.Process] = {}
+    for head in heads:
+        with contextlib.suppress(psutil.Error):
+            processes.update((p.pid, p) for p in [head, *head.children(recursive=True)])
+    for process in processes.values():  # SIGKILL, as `ray stop --force` sends
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(list(processes.values()), timeout=5)
 
 
 def test_ray_job_submit_indexes_an_archive(ray_head, tmp_path):

@@ -24,21 +24,29 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def ray_head():
+    import secrets
+
     # Ray's sockets live under --temp-dir, and an AF_UNIX path may not exceed 107 bytes: pytest's
     # tmp paths (longer still under pytest-xdist's per-worker folders) are too deep for that.
     temp_dir = Path(tempfile.mkdtemp(prefix="fb-ray-"))
-    port, dashboard_port, client_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    # Every port of its own: another test file's Ray may be running beside this one (`make test`
+    # runs two workers), and a Ray instance's defaults are fixed ports (its dashboard agent's
+    # 52365, through which `ray job submit` reaches the job; the client server's 10001).
+    port, dashboard_port, agent_port, client_port = (free_port() for _ in range(4))
+    # Its own token, not ~/.ray/auth_token, which every local Ray writes where it is missing.
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
-    start = subprocess.run(
-        [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
-         f"--object-store-memory={300 * 1024 * 1024}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180,
-    )
-    assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-4000:]
-    address = f"http://127.0.0.1:{dashboard_port}"
     try:
+        start = subprocess.run(
+            [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+             f"--object-store-memory={300 * 1024 * 1024}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={agent_port}",
+             f"--ray-client-server-port={client_port}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            env=env, capture_output=True, text=True, timeout=180,
+        )
+        assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-4000:]
+        address = f"http://127.0.0.1:{dashboard_port}"
         # The job server answers a little after `ray start` returns.
         deadline = time.time() + 60
         while True:
@@ -47,7 +55,7 @@ def ray_head():
                 break
             time.sleep(2)
         yield address, env
-    finally:
+    finally:  # also after a failed start: what it did start
         stop_ray_started_in(temp_dir, port)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -60,7 +68,7 @@ def stop_ray_started_in(temp_dir: Path, gcs_port: int) -> None:
     import psutil
 
     def ours(args: list[str]) -> bool:
-        return any(str(temp_dir) in arg or arg.endswith(f":{gcs_port}") for arg in args)
+        return any(str(temp_dir) in arg or (arg.startswith("--address=") and arg.endswith(f":{gcs_port}")) for arg in args)
 
     me = psutil.Process()
     mine = {me.pid, *(p.pid for p in me.parents())}

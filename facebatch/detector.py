@@ -497,6 +497,10 @@ def _bins_np(length: int, n_out: int):
     return (i * length) // n_out, ((i + 1) * length + n_out - 1) // n_out
 
 
+#: The workspace buffers of the torch pyramid sampler, which a CPU detector uses only in its first call.
+_TORCH_SAMPLER_BUFFERS = ("rows_hi", "rows_lo", "corners", "total", "mean")
+
+
 class _Workspace:
     """Grow-only buffers reused across detect() calls on the CPU (avoids page faults on big
     batches); on CUDA the detector clears it after every call."""
@@ -506,6 +510,11 @@ class _Workspace:
 
     def clear(self) -> None:
         self._buffers.clear()
+
+    def drop(self, *names: str) -> None:
+        """Free the named buffers (those no later call will use)."""
+        for name in names:
+            self._buffers.pop(name, None)
 
     def get(self, name: str, numel: int, dtype, device) -> torch.Tensor:
         buf = self._buffers.get(name)
@@ -966,6 +975,10 @@ class MTCNNDetector:
             # torch expressions give the same float32 bits, and the compiled loops are faster for
             # every later call (bench/bench_first_call.py, figures in the README).
             self._compiled_samplers = self._calls > 0
+            if self._calls == 1 and not self._gpu_planning:
+                # From now on the host integrals are sampled by the compiled loops: the torch
+                # sampler's chunk buffers (`_IntegralImages.sample_grid`) are not used again.
+                self._workspace.drop(*_TORCH_SAMPLER_BUFFERS)
             self._calls += 1
             self.last_stage_seconds = {}
             self.last_calls = {"groups": 0, "pnet": 0, "rnet": 0, "onet": 0, "uploads": 0}

@@ -449,6 +449,18 @@ def test_area_kernels_compile_where_no_cache_directory_can_be_written():
     assert cache_kind == "NullCache" and int(box_signatures) == 1
 
 
+def test_the_torch_samplers_buffers_are_freed_once_the_compiled_loops_take_over(astronaut_rgb):
+    from facebatch.detector import _TORCH_SAMPLER_BUFFERS
+
+    detector = MTCNNDetector()
+    detector.detect([astronaut_rgb])
+    kept = set(detector._workspace._buffers)
+    assert set(_TORCH_SAMPLER_BUFFERS) <= kept  # the first call sampled with torch
+    detector.detect([astronaut_rgb])
+    assert not set(_TORCH_SAMPLER_BUFFERS) & set(detector._workspace._buffers)
+    assert {"integral", "canvas"} <= set(detector._workspace._buffers)  # the rest stays for later calls
+
+
 def test_the_first_call_samples_with_torch_and_later_ones_compiled_with_the_same_results():
     """A detector's first detect() call spares numba's set-up (about a CPU-second) and samples with
     the torch expressions; later calls use the compiled loops. The detections are the same bits."""

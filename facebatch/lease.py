@@ -68,6 +68,34 @@ class LeaseLost(RuntimeError):
     """This writer's lease was taken over (it was not renewed in time): it must not publish."""
 
 
+class UnreadableLease(ValueError):
+    """The lease object holds something that is not a facebatch lease record (not JSON, or not an
+    object). facebatch always writes whole records (os.replace on disk, one PUT on S3), so this was
+    written by something else: it is nobody's lease that this process may renew or delete."""
+
+
+def _parse(body: bytes, where: str) -> dict[str, Any]:
+    try:
+        record = json.loads(body)
+    except ValueError as exc:
+        raise UnreadableLease(f"{where} is not a facebatch lease record ({exc}; {len(body)} bytes)") from exc
+    if not isinstance(record, dict):
+        raise UnreadableLease(f"{where} is not a facebatch lease record (a JSON {type(record).__name__}, not an object)")
+    for key, kinds in _RECORD_FIELDS.items():
+        if key in record and (not isinstance(record[key], kinds) or isinstance(record[key], bool)):
+            raise UnreadableLease(f"{where} is not a facebatch lease record (its {key!r} is {record[key]!r})")
+    if not isinstance(record.get("token"), str) or "expires" not in record:
+        raise UnreadableLease(f"{where} is not a facebatch lease record (it has no token or no expiry)")
+    return record
+
+
+# What a lease record's fields must be, where present (token and expires must be).
+_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "token": (str,), "holder": (str,), "host": (str,), "pid": (int,),
+    "since": (int, float), "renewed": (int, float), "expires": (int, float),
+}
+
+
 def _describe(lease: dict[str, Any]) -> str:
     since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lease.get("since", 0)))
     expires = time.strftime("%H:%M:%S UTC", time.gmtime(lease.get("expires", 0)))
@@ -139,7 +167,7 @@ class Lease:
         if self.lost is not None:
             return  # not ours any more: never delete another writer's lease
         if self.out.is_s3:
-            current, _ = self._read_s3()
+            current, _ = self._read_mine_or_none(self._read_s3)
             if current is not None and current.get("token") == self.token:
                 client = storage.s3_client(self.endpoint)
                 from botocore.exceptions import BotoCoreError, ClientError
@@ -150,9 +178,23 @@ class Lease:
                     raise storage.storage_error("DELETE", self.location.uri(), exc) from exc
             return
         with self._local_lock():
-            current = self._read_local()
+            current, _ = self._read_mine_or_none(lambda: (self._read_local(), None))
             if current is not None and current.get("token") == self.token:
                 os.unlink(self.location.path)
+
+    def _read_mine_or_none(self, read):
+        """For release: an unreadable lease object is not this writer's, so it is left alone."""
+        try:
+            return read()
+        except UnreadableLease as exc:
+            import logging
+
+            logging.getLogger("facebatch").warning("not deleting the lease: %s", exc)
+            return None, None
+
+    def _held_by_unreadable(self, exc: UnreadableLease) -> LeaseHeld:
+        return LeaseHeld(f"{exc}. It may belong to another tool; if no facebatch job is writing "
+                         f"{self.out.uri()}, delete {self.location.uri()} and run again")
 
     # ------------------------------------------------------------------ the record
 
@@ -176,6 +218,12 @@ class Lease:
                 if time.time() > self._expires_at:
                     self.lost = exc
                     return
+            except Exception as exc:  # noqa: BLE001 - recorded, and check() raises it
+                # Anything else would end this thread silently: the lease would stop being renewed
+                # while check() kept passing, and the run would publish after another writer had
+                # taken OUT over. Record it as the lease's loss so the run stops before publishing.
+                self.lost = exc
+                return
 
     # ------------------------------------------------------------------ S3
 
@@ -185,13 +233,14 @@ class Lease:
         client = storage.s3_client(self.endpoint)
         try:
             response = client.get_object(Bucket=self.location.bucket, Key=self.location.path)
-            return json.loads(response["Body"].read()), response["ETag"]
+            body = response["Body"].read()
         except ClientError as exc:
             if storage.is_not_found(exc):
                 return None, None
             raise storage.storage_error("GET", self.location.uri(), exc) from exc
         except BotoCoreError as exc:
             raise storage.storage_error("GET", self.location.uri(), exc) from exc
+        return _parse(body, self.location.uri()), response["ETag"]
 
     def _put_s3(self, **condition: str) -> bool:
         """PUT the lease under a condition; False when the condition failed (412)."""
@@ -217,7 +266,10 @@ class Lease:
         for _ in range(3):
             if self._put_s3(IfNoneMatch="*"):
                 return
-            current, etag = self._read_s3()
+            try:
+                current, etag = self._read_s3()
+            except UnreadableLease as exc:
+                raise self._held_by_unreadable(exc) from exc
             if current is None:
                 continue  # released meanwhile: try to create it again
             if not is_stale(current):
@@ -232,11 +284,17 @@ class Lease:
     def _renew(self) -> None:
         if self.out.is_s3:
             if not self._put_s3(IfMatch=self._etag):
-                current, _ = self._read_s3()
+                try:
+                    current, _ = self._read_s3()
+                except UnreadableLease as exc:
+                    raise LeaseLost(f"replaced by something else: {exc}") from exc
                 raise LeaseLost(f"taken over by {_describe(current)}" if current else "the lease object was deleted")
             return
         with self._local_lock():
-            current = self._read_local()
+            try:
+                current = self._read_local()
+            except UnreadableLease as exc:
+                raise LeaseLost(f"replaced by something else: {exc}") from exc
             if current is None or current.get("token") != self.token:
                 raise LeaseLost(f"taken over by {_describe(current)}" if current else "the lease file was deleted")
             self._write_local(replace=True)
@@ -258,9 +316,10 @@ class Lease:
     def _read_local(self) -> dict[str, Any] | None:
         try:
             with open(self.location.path, "rb") as fh:
-                return json.loads(fh.read())
+                body = fh.read()
         except FileNotFoundError:
             return None
+        return _parse(body, self.location.uri())
 
     def _write_local(self, replace: bool) -> None:
         body = self._record()
@@ -282,7 +341,10 @@ class Lease:
                 return
             except FileExistsError:
                 pass
-            current = self._read_local() or {}
+            try:
+                current = self._read_local() or {}
+            except UnreadableLease as exc:
+                raise self._held_by_unreadable(exc) from exc
             if not is_stale(current):
                 raise LeaseHeld(f"{self.out.uri()} is being written by another facebatch job: {_describe(current)}. "
                                 "One writer per OUT: wait for it to finish (or, if it died, for its lease to expire)")

@@ -26,11 +26,45 @@ def _write_lease(out: str, s3_server, payload: dict) -> None:
         bucket, prefix = out[5:].split("/", 1)
         s3_server.client().put_object(Bucket=bucket, Key=f"{prefix}/_lease.json", Body=json.dumps(payload).encode())
     else:
-        import os
+        _write_local(out, json.dumps(payload).encode())
 
-        os.makedirs(out, exist_ok=True)
-        with open(f"{out}/_lease.json", "w") as fh:
-            json.dump(payload, fh)
+
+def _write_local(out: str, body: bytes) -> None:
+    """As another writer does: whole, with os.replace (a reader never sees half a record)."""
+    import os
+
+    os.makedirs(out, exist_ok=True)
+    with open(f"{out}/_lease.json.tmp", "wb") as fh:
+        fh.write(body)
+    os.replace(f"{out}/_lease.json.tmp", f"{out}/_lease.json")
+
+
+def _write_raw(out: str, s3_server, body: bytes) -> None:
+    if out.startswith("s3://"):
+        bucket, prefix = out[5:].split("/", 1)
+        s3_server.client().put_object(Bucket=bucket, Key=f"{prefix}/_lease.json", Body=body)
+    else:
+        _write_local(out, body)
+
+
+def _read_raw(out: str, s3_server) -> bytes:
+    if out.startswith("s3://"):
+        bucket, prefix = out[5:].split("/", 1)
+        return s3_server.client().get_object(Bucket=bucket, Key=f"{prefix}/_lease.json")["Body"].read()
+    with open(f"{out}/_lease.json", "rb") as fh:
+        return fh.read()
+
+
+def _wait_until_lost(held: Lease, seconds: float = 15) -> LeaseLost:
+    # Polled: with the CPU shared, as under `make test`'s two workers, a renewal can come late.
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            held.check()
+        except LeaseLost as exc:
+            return exc
+        assert time.monotonic() < deadline, "the holder never learnt that its lease was taken"
+        time.sleep(0.1)
 
 
 def test_second_writer_is_refused_then_admitted_after_release(tmp_path, s3_server):
@@ -69,24 +103,36 @@ def test_stale_leases_are_taken_over(tmp_path, s3_server):
 def test_renewal_and_losing_the_lease(tmp_path, s3_server):
     for out in _outs(tmp_path, s3_server):
         held = Lease(out, holder="slow", ttl=60, renew_every=0.2).acquire()
-        time.sleep(0.6)
-        held.check()  # renewed meanwhile
-        # Someone takes it over (as if it had expired): the holder learns it at its next renewal.
-        _write_lease(out, s3_server, {"holder": "thief", "host": "elsewhere", "pid": 1, "token": "x",
-                                      "since": time.time(), "expires": time.time() + 300})
-        # (Polled: with the CPU shared, as under `make test`'s two workers, a renewal can come late.)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                held.check()
-            except LeaseLost as exc:
-                assert "thief" in str(exc)
-                break
-            assert time.monotonic() < deadline, "the holder never learnt that its lease was taken"
-            time.sleep(0.1)
-        held.release()  # never deletes the other writer's lease
+        try:
+            time.sleep(0.6)
+            held.check()  # renewed meanwhile
+            # Someone takes it over (as if it had expired): the holder learns it at its next renewal.
+            _write_lease(out, s3_server, {"holder": "thief", "host": "elsewhere", "pid": 1, "token": "x",
+                                          "since": time.time(), "expires": time.time() + 300})
+            assert "thief" in str(_wait_until_lost(held))
+        finally:
+            held.release()  # never deletes the other writer's lease
         with pytest.raises(LeaseHeld, match="thief"):
             Lease(out, holder="third").acquire()
+
+
+@pytest.mark.parametrize("body", [b"", b"{\"holder\": \"tor", b"[1, 2]", b"<Error>not json</Error>",
+                                  b'{"holder": "h", "token": "t", "since": "yesterday", "expires": 1e12}'],
+                         ids=["empty", "torn", "a-list", "xml", "a-string-date"])
+def test_a_lease_object_that_is_not_a_lease_record_is_nobodys(tmp_path, s3_server, body):
+    for out in _outs(tmp_path, s3_server):
+        # Replaced under a holder: the holder stops (it can no longer tell that OUT is its own)...
+        held = Lease(out, holder="slow", ttl=60, renew_every=0.2).acquire()
+        try:
+            _write_raw(out, s3_server, body)
+            assert "is not a facebatch lease record" in str(_wait_until_lost(held))
+        finally:
+            held.release()
+        assert _read_raw(out, s3_server) == body, "release deleted a lease object that was not its own"
+        # ... and a new writer is refused with what to do, not a traceback.
+        with pytest.raises(LeaseHeld, match=r"_lease.json is not a facebatch lease record .*delete .*_lease.json and run again"):
+            Lease(out, holder="new").acquire()
+        assert lease_mod._ACTIVE_TOKENS == set()
 
 
 def test_index_and_compact_exit_2_while_another_writer_holds_out(tmp_path, capsys):

@@ -209,6 +209,29 @@ def load_average() -> str:
         return "?"
 
 
+#: The vector extensions that decide how fast convolutions run (oneDNN picks its kernels by them).
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """The CPU's model name and which of VECTOR_FLAGS it has, e.g. "AMD EPYC (avx2 fma avx512f)".
+    The machines this runs on change from day to day, and a ratio between two programs depends
+    on which extensions each can use."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.processor() or "?"
+    model, flags = "?", set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "?":
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return f"{model} ({' '.join(f for f in VECTOR_FLAGS if f in flags) or 'no AVX2'})"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -279,14 +302,14 @@ def main(argv: list[str] | None = None) -> None:
         for name, value in row.get("versions", {}).items():
             versions[f"{name} ({venv} venv)" if name == "torch" else name] = value
     print()
-    print(f"{started:%Y-%m-%d %H:%M %Z}, {platform.node()}, {os.cpu_count()} CPUs, {len(files)} photos "
+    print(f"{started:%Y-%m-%d %H:%M %Z}, {platform.node()}, {os.cpu_count()} CPUs: {cpu_description()}, {len(files)} photos "
           f"({megapixels:.1f} MP), {args.threads} threads; load average (1/5/15 min) before {load_before}, after {load_after}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print()
     print(format_table(rows))
     if args.json:
         args.json.write_text(json.dumps({
-            "started": started.isoformat(), "host": platform.node(), "cpus": os.cpu_count(),
+            "started": started.isoformat(), "host": platform.node(), "cpus": os.cpu_count(), "cpu": cpu_description(),
             "photos": len(files), "megapixels": megapixels, "threads": args.threads, "warmup": args.warmup,
             "load_before": load_before, "load_after": load_after, "rows": rows,
             "ratios": {row["key"]: speedup(next((r["seconds"] for r in rows if r["key"] == BASELINES[row["group"]]), None),

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.compare_peers import format_table, speedup
+from bench.compare_peers import cpu_description, format_table, speedup
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,6 +34,14 @@ def test_format_table_ratios_against_each_groups_baseline():
     assert lines[3] == "| ours b32 | 5.00 | 20.0 | 51 | 9.5 | 4.0x vs facenet-pytorch |"
     assert lines[4].endswith("| 1.0x vs dlib |")
     assert lines[5] == "| ours full | 8.00 | 12.5 | 51 |  | 7.5x vs dlib |"
+
+
+def test_cpu_description_names_the_model_and_its_vector_extensions():
+    cpuinfo = ("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 sha_ni\n\n"
+               "processor\t: 1\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 sha_ni\n")
+    assert cpu_description(cpuinfo) == "AMD EPYC 9R14 (avx2 fma avx512f avx512_bf16)"
+    assert cpu_description("model name : Old\nflags : fpu sse2\n") == "Old (no AVX2)"
+    assert cpu_description() != ""  # this machine's, from /proc/cpuinfo
 
 
 def test_help_runs():

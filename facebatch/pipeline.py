@@ -27,7 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import __version__, gpumem, models, raylogs, storage
+# Not gpumem (nor anything else that imports torch): the driver needs no torch, which takes about
+# a second and 180 MiB to import; the actors import it where they use it.
+from . import __version__, models, raylogs, storage
 from .config import ConfigError, IndexConfig, pipeline_version
 from .out import Out, active_heartbeats, fault_point
 from .publishing import publish_run
@@ -140,6 +142,7 @@ class FaceModelActor:
                  decode: dict | None = None, actors_per_gpu: int = 1, gpu_jpeg: dict | None = None):
         import torch
 
+        from . import gpumem
         from .config import DetectorParams
         from .inference import FaceAnalyzer
 
@@ -169,6 +172,7 @@ class FaceModelActor:
         self.analyzer = FaceAnalyzer(device=device, detector_params=params, embed=embed, memory_budget_bytes=budget)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from . import gpumem
         from .inference import StageTimes
 
         die_once("FACEBATCH_FAULT_KILL_ACTOR_ONCE")

@@ -99,3 +99,19 @@ def test_every_module_imports_on_its_own():
     with ThreadPoolExecutor(2) as pool:
         for name, result in pool.map(import_alone, names):
             assert result.returncode == 0, f"facebatch.{name}: {result.stderr[-2000:]}"
+
+
+def test_the_driver_side_does_not_import_torch_or_opencv():
+    """The CLI, the jobs' entrypoints and what a run's driver uses (plan, write, publish, compact,
+    people's orchestration) import neither torch nor OpenCV: torch alone takes about a second and
+    180 MiB, in a driver that only orchestrates; only the actors need them."""
+    code = ("import sys, runpy\n"
+            "import facebatch.cli, facebatch.pipeline, facebatch.plan, facebatch.writing, facebatch.publishing\n"
+            "import facebatch.compact, facebatch.people, facebatch.recovery, facebatch.query, facebatch.config\n"
+            "for job in sys.argv[1:]:\n"
+            "    runpy.run_path(job, run_name='not_main')\n"
+            "print(sorted(m for m in ('torch', 'cv2', 'numba') if m in sys.modules))\n")
+    jobs = [str(p) for p in sorted((PACKAGE.parent / "jobs").glob("*.py"))]
+    result = subprocess.run([sys.executable, "-c", code, *jobs], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

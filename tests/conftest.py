@@ -12,6 +12,34 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("FACEBATCH_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
+def _ensure_ray_auth_token() -> None:
+    """Create ~/.ray/auth_token, whole and once, before any test starts Ray.
+
+    Every local Ray (ray.init, `ray start`, the CLI's runs) uses token authentication and, where
+    the file is missing, writes a new token into it with a plain open("w"). `make test` runs two
+    pytest workers; on a fresh machine two Rays starting at once could each write their own
+    token, or read the other's half-written file, and a cluster's processes would then disagree
+    on the token. So the file is made here first, atomically: written under a temporary name and
+    hard-linked into place, which fails if another worker got there first (its token is kept)."""
+    import secrets
+
+    path = Path.home() / ".ray" / "auth_token"
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"auth_token.{os.getpid()}.tmp")
+    tmp.write_text(secrets.token_hex(32))  # what Ray itself generates
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
+_ensure_ray_auth_token()
+
+
 def _require_shared() -> Path:
     if not (SHARED_DATA / "faces" / "MANIFEST.json").is_file():
         pytest.skip(f"shared test corpus not found at {SHARED_DATA} (set FACEBATCH_SHARED_DATA)")

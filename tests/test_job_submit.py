@@ -26,38 +26,58 @@ BIN = Path(sys.executable).parent
 def ray_head():
     import secrets
 
-    # Ray's sockets live under --temp-dir, and an AF_UNIX path may not exceed 107 bytes: pytest's
-    # tmp paths (longer still under pytest-xdist's per-worker folders) are too deep for that.
-    temp_dir = Path(tempfile.mkdtemp(prefix="fb-ray-"))
-    # Every port of its own: another test file's Ray may be running beside this one (`make test`
-    # runs two workers), and a Ray instance's defaults are fixed ports (its dashboard agent's
-    # 52365, through which `ray job submit` reaches the job; the client server's 10001).
-    port, dashboard_port, agent_port, client_port = (free_port() for _ in range(4))
     # Its own token, not ~/.ray/auth_token, which every local Ray writes where it is missing.
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
-    try:
-        start = subprocess.run(
-            [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
-             f"--object-store-memory={300 * 1024 * 1024}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={agent_port}",
-             f"--ray-client-server-port={client_port}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-            env=env, capture_output=True, text=True, timeout=180,
-        )
-        assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-4000:]
-        address = f"http://127.0.0.1:{dashboard_port}"
-        # The job server answers a little after `ray start` returns.
-        deadline = time.time() + 60
-        while True:
-            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True, text=True, timeout=60)
-            if probe.returncode == 0 or time.time() > deadline:
-                break
-            time.sleep(2)
+    started: list[tuple[Path, int]] = []  # (temp dir, GCS port) of every start, stopped at the end
+    try:  # also after a failed start: what it did start
+        failures = []
+        for _attempt in range(3):
+            # Ray's sockets live under --temp-dir, and an AF_UNIX path may not exceed 107 bytes:
+            # pytest's tmp paths (longer still under pytest-xdist's per-worker folders) are too deep.
+            temp_dir = Path(tempfile.mkdtemp(prefix="fb-ray-"))
+            # Every port of its own: another test file's Ray may be running beside this one (`make
+            # test` runs two workers), and a Ray instance's defaults are fixed ports (its dashboard
+            # agent's 52365, through which `ray job submit` reaches the job; the client server's 10001).
+            port, dashboard_port, agent_port, client_port = (free_port() for _ in range(4))
+            started.append((temp_dir, port))
+            start = subprocess.run(
+                [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+                 f"--object-store-memory={300 * 1024 * 1024}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                 f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={agent_port}",
+                 f"--ray-client-server-port={client_port}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                env=env, capture_output=True, text=True, timeout=180,
+            )
+            address = f"http://127.0.0.1:{dashboard_port}"
+            if start.returncode == 0:
+                # The job server answers a little after `ray start` returns.
+                deadline = time.time() + 60
+                answered, last = False, ""
+                while not answered and time.time() < deadline:
+                    try:
+                        probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                                               capture_output=True, text=True, timeout=60)
+                        answered, last = probe.returncode == 0, probe.stderr[-2000:]
+                    except subprocess.TimeoutExpired:  # something else holds the port and never answers
+                        last = "`ray job list` timed out"
+                    if not answered:
+                        time.sleep(2)
+                if answered:
+                    break
+                failures.append(f"the job server at {address} never answered: {last}")
+            else:
+                failures.append(start.stdout[-2000:] + start.stderr[-4000:])
+            # The ports were free when picked, but Ray binds them seconds later, and meanwhile the
+            # other pytest worker's processes may take one: start again on new ports.
+            stop_ray_started_in(temp_dir, port)
+        else:
+            pytest.fail("ray start --head failed three times:\n" + "\n---\n".join(failures))
         yield address, env
-    finally:  # also after a failed start: what it did start
-        stop_ray_started_in(temp_dir, port)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    finally:
+        for temp_dir, port in started:
+            stop_ray_started_in(temp_dir, port)
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def stop_ray_started_in(temp_dir: Path, gcs_port: int) -> None:

